@@ -1,0 +1,173 @@
+//! The users file: client identities known to the proxy, with their SCRAM verifiers, client
+//! certificate subjects and the runtime credentials used upstream on their behalf.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+use toml::Spanned;
+
+use super::scram::ScramVerifier;
+use crate::config::{ConfigError, SecretRef, parse_toml};
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawUsers {
+    #[serde(default)]
+    users: Vec<RawUser>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawUser {
+    name: Spanned<String>,
+    #[serde(default)]
+    postgres_scram: Option<Spanned<String>>,
+    #[serde(default)]
+    redis_argon2: Option<String>,
+    #[serde(default)]
+    redis_rules: Option<String>,
+    #[serde(default)]
+    upstream_user: Option<String>,
+    #[serde(default)]
+    upstream_password_file: Option<PathBuf>,
+    #[serde(default)]
+    upstream_password_env: Option<String>,
+    #[serde(default)]
+    cert_subjects: Vec<Spanned<String>>,
+}
+
+/// One client identity.
+#[derive(Debug, Clone)]
+pub struct User {
+    /// Name the client logs in with.
+    pub name: String,
+    /// SCRAM-SHA-256 verifier (`scram` mode); no verifier means no password login.
+    pub postgres_scram: Option<ScramVerifier>,
+    /// Argon2id PHC string for Redis `AUTH` (used by the Redis side).
+    pub redis_argon2: Option<String>,
+    /// Redis ACL rules for this user (used by the Redis side).
+    pub redis_rules: Option<String>,
+    /// Upstream role for this user; else the listener's.
+    pub upstream_user: Option<String>,
+    /// Secret for `upstream_user`; else the listener's.
+    pub upstream_password: Option<SecretRef>,
+    /// Client certificate subjects (`CN=x`, `DNS:x`, `EMAIL:x`, `URI:x`) that map to this user.
+    pub cert_subjects: Vec<String>,
+}
+
+/// All users, indexed by name and by certificate subject.
+#[derive(Debug, Clone, Default)]
+pub struct Users {
+    by_name: HashMap<String, User>,
+    by_subject: HashMap<String, String>,
+}
+
+impl Users {
+    /// Loads and validates a users file.
+    pub fn load(path: &Path) -> Result<Users, ConfigError> {
+        let (raw, src): (RawUsers, String) = parse_toml(path)?;
+        let mut users = Users::default();
+        for u in raw.users {
+            let err = |span, msg: String| ConfigError::at(path, &src, Some(span), msg);
+            let name = u.name.get_ref().clone();
+            if name.is_empty() || users.by_name.contains_key(&name) {
+                return Err(err(u.name.span(), format!("empty or duplicate user name {name:?}")));
+            }
+            let postgres_scram = match &u.postgres_scram {
+                Some(s) => Some(
+                    ScramVerifier::parse(s.get_ref())
+                        .ok_or_else(|| err(s.span(), "postgres_scram is not a SCRAM-SHA-256 verifier (use `portcullis user hash --protocol postgres`)".into()))?,
+                ),
+                None => None,
+            };
+            let upstream_password = SecretRef::from_parts(u.upstream_password_file, u.upstream_password_env)
+                .map_err(|m| err(u.name.span(), m))?;
+            let mut subjects = Vec::new();
+            for s in &u.cert_subjects {
+                let subject = normalize_subject(s.get_ref())
+                    .ok_or_else(|| err(s.span(), format!("cert subject {:?}: expected CN=, DNS:, EMAIL: or URI:", s.get_ref())))?;
+                if let Some(other) = users.by_subject.insert(subject.clone(), name.clone()) {
+                    return Err(err(s.span(), format!("cert subject {subject:?} already maps to user {other:?}")));
+                }
+                subjects.push(subject);
+            }
+            users.by_name.insert(
+                name.clone(),
+                User {
+                    name,
+                    postgres_scram,
+                    redis_argon2: u.redis_argon2,
+                    redis_rules: u.redis_rules,
+                    upstream_user: u.upstream_user,
+                    upstream_password,
+                    cert_subjects: subjects,
+                },
+            );
+        }
+        Ok(users)
+    }
+
+    /// The user with this login name.
+    pub fn get(&self, name: &str) -> Option<&User> {
+        self.by_name.get(name)
+    }
+
+    /// The user that one of these certificate subjects maps to (first match in the given order).
+    pub fn by_cert_subjects<'a>(&self, subjects: impl IntoIterator<Item = &'a str>) -> Option<&User> {
+        subjects
+            .into_iter()
+            .find_map(|s| self.by_subject.get(s))
+            .and_then(|n| self.by_name.get(n))
+    }
+
+    /// Number of users (for logs).
+    pub fn len(&self) -> usize {
+        self.by_name.len()
+    }
+
+    /// True when the file has no users.
+    pub fn is_empty(&self) -> bool {
+        self.by_name.is_empty()
+    }
+}
+
+/// `CN=app` / `DNS:app.internal` etc. in one canonical spelling (prefix upper-cased).
+pub fn normalize_subject(s: &str) -> Option<String> {
+    let (kind, value) = if let Some(v) = s.strip_prefix("CN=").or_else(|| s.strip_prefix("cn=")) {
+        ("CN=", v)
+    } else {
+        let (k, v) = s.split_once(':')?;
+        let k = k.to_ascii_uppercase();
+        let k = match k.as_str() {
+            "DNS" => "DNS:",
+            "EMAIL" => "EMAIL:",
+            "URI" => "URI:",
+            _ => return None,
+        };
+        (k, v)
+    };
+    (!value.is_empty()).then(|| format!("{kind}{value}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn subjects_normalize() {
+        assert_eq!(normalize_subject("CN=app").as_deref(), Some("CN=app"));
+        assert_eq!(normalize_subject("dns:app.internal").as_deref(), Some("DNS:app.internal"));
+        assert_eq!(normalize_subject("IP:1.2.3.4"), None);
+        assert_eq!(normalize_subject("CN="), None);
+    }
+
+    #[test]
+    fn bad_verifier_is_located() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("u.toml");
+        std::fs::write(&p, "[[users]]\nname = \"a\"\npostgres_scram = \"md5abc\"\n").unwrap();
+        let e = Users::load(&p).unwrap_err();
+        assert_eq!(e.line, Some(3), "{e}");
+    }
+}

@@ -1,0 +1,423 @@
+//! The config model: `Raw*` is what serde reads (with spans for located errors); `Config` is
+//! what the rest of the proxy uses, every value parsed and checked.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use ipnet::IpNet;
+use serde::Deserialize;
+use toml::Spanned;
+
+use super::{ConfigError, SecretRef};
+
+fn dur(s: &Spanned<String>, file: &Path, src: &str) -> Result<Duration, ConfigError> {
+    humantime::parse_duration(s.get_ref())
+        .map_err(|e| ConfigError::at(file, src, Some(s.span()), format!("bad duration {:?}: {e}", s.get_ref())))
+}
+
+fn addr(s: &Spanned<String>, file: &Path, src: &str) -> Result<SocketAddr, ConfigError> {
+    s.get_ref().parse().map_err(|_| {
+        ConfigError::at(file, src, Some(s.span()), format!("{:?} is not an ip:port address", s.get_ref()))
+    })
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawConfig {
+    #[serde(default)]
+    admin: RawAdmin,
+    tls: RawTls,
+    #[serde(default)]
+    limits: RawLimits,
+    #[serde(default)]
+    lockout: RawLockout,
+    #[serde(default)]
+    postgres: Vec<RawPostgres>,
+    #[serde(default)]
+    redis: Vec<Spanned<toml::Table>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAdmin {
+    listen: Spanned<String>,
+}
+impl Default for RawAdmin {
+    fn default() -> Self {
+        RawAdmin { listen: Spanned::new(0..0, "127.0.0.1:9898".into()) }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTls {
+    cert: PathBuf,
+    key: PathBuf,
+    #[serde(default)]
+    min_version: Option<Spanned<String>>,
+    #[serde(default)]
+    client_ca: Option<PathBuf>,
+    #[serde(default)]
+    client_auth: Option<Spanned<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLimits {
+    #[serde(default = "d_max_conn")]
+    max_connections: usize,
+    #[serde(default = "d_max_per_source")]
+    max_connections_per_source: usize,
+    #[serde(default = "d_10s")]
+    handshake_timeout: Spanned<String>,
+    #[serde(default = "d_30s")]
+    drain_timeout: Spanned<String>,
+    #[serde(default = "d_10s")]
+    upstream_connect_timeout: Spanned<String>,
+    #[serde(default = "d_cancel_rate")]
+    cancel_per_source_per_second: u32,
+}
+fn d_max_conn() -> usize { 10_000 }
+fn d_max_per_source() -> usize { 1_000 }
+fn d_cancel_rate() -> u32 { 20 }
+fn d_10s() -> Spanned<String> { Spanned::new(0..0, "10s".into()) }
+fn d_30s() -> Spanned<String> { Spanned::new(0..0, "30s".into()) }
+fn d_1m() -> Spanned<String> { Spanned::new(0..0, "1m".into()) }
+fn d_5m() -> Spanned<String> { Spanned::new(0..0, "5m".into()) }
+fn d_true() -> bool { true }
+impl Default for RawLimits {
+    fn default() -> Self {
+        RawLimits {
+            max_connections: d_max_conn(),
+            max_connections_per_source: d_max_per_source(),
+            handshake_timeout: d_10s(),
+            drain_timeout: d_30s(),
+            upstream_connect_timeout: d_10s(),
+            cancel_per_source_per_second: d_cancel_rate(),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLockout {
+    #[serde(default = "d_max_failures")]
+    max_failures: u32,
+    #[serde(default = "d_1m")]
+    window: Spanned<String>,
+    #[serde(default = "d_5m")]
+    ban: Spanned<String>,
+}
+fn d_max_failures() -> u32 { 10 }
+impl Default for RawLockout {
+    fn default() -> Self {
+        RawLockout { max_failures: d_max_failures(), window: d_1m(), ban: d_5m() }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawUpstreamTls {
+    ca: PathBuf,
+    server_name: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPostgres {
+    name: Spanned<String>,
+    listen: Spanned<String>,
+    upstream: Spanned<String>,
+    #[serde(default)]
+    auth: Option<Spanned<String>>,
+    #[serde(default)]
+    tls: Option<Spanned<String>>,
+    #[serde(default)]
+    users_file: Option<PathBuf>,
+    #[serde(default)]
+    upstream_user: Option<String>,
+    #[serde(default)]
+    upstream_password_file: Option<PathBuf>,
+    #[serde(default)]
+    upstream_password_env: Option<String>,
+    #[serde(default)]
+    upstream_password: Option<Spanned<toml::Value>>,
+    #[serde(default)]
+    deny_users: Vec<String>,
+    #[serde(default = "d_true")]
+    deny_superuser: bool,
+    #[serde(default)]
+    allow: Vec<Spanned<String>>,
+    #[serde(default)]
+    max_connections: Option<usize>,
+    #[serde(default)]
+    upstream_tls: Option<RawUpstreamTls>,
+}
+
+/// Everything the proxy needs, validated.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The file this came from: reloads read it again.
+    pub path: PathBuf,
+    /// Admin HTTP listener (`/metrics`, `/healthz`, `/readyz`); loopback by default.
+    pub admin_listen: SocketAddr,
+    /// Server-side TLS settings shared by all listeners.
+    pub tls: TlsConfig,
+    /// Connection limits and deadlines.
+    pub limits: Limits,
+    /// Per-source failed-authentication lockout.
+    pub lockout: Lockout,
+    /// PostgreSQL listeners.
+    pub postgres: Vec<PostgresListener>,
+}
+
+/// Lowest TLS version accepted from clients.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TlsMinVersion {
+    /// TLS 1.2 with ECDHE + AEAD suites only.
+    Tls12,
+    /// TLS 1.3 only (default).
+    Tls13,
+}
+
+/// Whether and how clients present certificates.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClientAuth {
+    /// No client certificates are asked for (default when `client_ca` is absent).
+    None,
+    /// Asked for and verified when sent (default when `client_ca` is present).
+    Optional,
+    /// Every client must present a certificate signed by `client_ca`.
+    Required,
+}
+
+/// `[tls]`.
+#[derive(Debug, Clone)]
+pub struct TlsConfig {
+    /// PEM certificate chain served to clients.
+    pub cert: PathBuf,
+    /// PEM private key (PKCS#8, SEC1 or PKCS#1).
+    pub key: PathBuf,
+    /// Default TLS 1.3.
+    pub min_version: TlsMinVersion,
+    /// CA bundle that client certificates must chain to.
+    pub client_ca: Option<PathBuf>,
+    /// Default `optional` with a `client_ca`, `none` without.
+    pub client_auth: ClientAuth,
+}
+
+/// `[limits]`.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// Open client connections across all listeners (default 10000).
+    pub max_connections: usize,
+    /// Open client connections from one source IP (default 1000).
+    pub max_connections_per_source: usize,
+    /// TLS handshake + login must finish within this (default 10s).
+    pub handshake_timeout: Duration,
+    /// How long SIGTERM waits for sessions to end (default 30s).
+    pub drain_timeout: Duration,
+    /// Deadline on dialling the upstream and its login (default 10s).
+    pub upstream_connect_timeout: Duration,
+    /// Cancel requests accepted per source per second (default 20).
+    pub cancel_per_source_per_second: u32,
+}
+
+/// `[lockout]`.
+#[derive(Debug, Clone)]
+pub struct Lockout {
+    /// Failures within `window` that trigger a ban (default 10).
+    pub max_failures: u32,
+    /// Sliding window for counting failures (default 1m).
+    pub window: Duration,
+    /// How long a source stays locked out (default 5m).
+    pub ban: Duration,
+}
+
+/// How a Postgres listener authenticates clients.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PgAuthMode {
+    /// The proxy verifies SCRAM-SHA-256(-PLUS) against the users file (default).
+    Scram,
+    /// A verified client certificate's CN/SAN maps to a user.
+    Cert,
+    /// The upstream authenticates the client; the proxy relays the exchange.
+    Passthrough,
+}
+
+/// Whether a listener requires TLS.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ListenerTls {
+    /// TLS is required (default).
+    Required,
+    /// Plaintext only: for local development; `check` flags it off loopback.
+    Disabled,
+}
+
+/// Verified TLS towards the upstream.
+#[derive(Debug, Clone)]
+pub struct UpstreamTls {
+    /// CA bundle the upstream's certificate must chain to.
+    pub ca: PathBuf,
+    /// Name checked against the upstream certificate (verify-full).
+    pub server_name: String,
+}
+
+/// `[[postgres]]`.
+#[derive(Debug, Clone)]
+pub struct PostgresListener {
+    /// Listener name: metric label and shown in errors.
+    pub name: String,
+    /// Address clients connect to.
+    pub listen: SocketAddr,
+    /// The real PostgreSQL server (`host:port`; a name is resolved at connect time).
+    pub upstream: String,
+    /// Client authentication mode (default `scram`).
+    pub auth: PgAuthMode,
+    /// TLS requirement (default `required`).
+    pub tls: ListenerTls,
+    /// Users file (identities, SCRAM verifiers, cert subjects, runtime credentials).
+    pub users_file: Option<PathBuf>,
+    /// Runtime role used upstream unless the user names one.
+    pub upstream_user: Option<String>,
+    /// Secret for `upstream_user`.
+    pub upstream_password: Option<SecretRef>,
+    /// Names refused before any upstream contact (case-insensitive).
+    pub deny_users: Vec<String>,
+    /// End sessions whose upstream reports `is_superuser=on` (default true).
+    pub deny_superuser: bool,
+    /// Source CIDRs allowed to connect; empty means any.
+    pub allow: Vec<IpNet>,
+    /// Open connections on this listener (default: only the global limit).
+    pub max_connections: Option<usize>,
+    /// Verified TLS to the upstream when present.
+    pub upstream_tls: Option<UpstreamTls>,
+}
+
+impl RawConfig {
+    pub(crate) fn validate(self, file: &Path, src: &str) -> Result<Config, ConfigError> {
+        let err = |span: std::ops::Range<usize>, msg: String| ConfigError::at(file, src, Some(span), msg);
+        if let Some(r) = self.redis.first() {
+            return Err(err(
+                r.span(),
+                "[[redis]] listeners are not supported by this build yet".into(),
+            ));
+        }
+        let min_version = match self.tls.min_version.as_ref().map(|s| (s.get_ref().as_str(), s.span())) {
+            None | Some(("1.3", _)) => TlsMinVersion::Tls13,
+            Some(("1.2", _)) => TlsMinVersion::Tls12,
+            Some((v, span)) => {
+                return Err(err(span, format!("min_version {v:?} is not allowed: use \"1.3\" (default) or \"1.2\"")));
+            }
+        };
+        let client_auth = match self.tls.client_auth.as_ref().map(|s| (s.get_ref().as_str(), s.span())) {
+            None if self.tls.client_ca.is_some() => ClientAuth::Optional,
+            None | Some(("none", _)) => ClientAuth::None,
+            Some(("optional", _)) => ClientAuth::Optional,
+            Some(("required", _)) => ClientAuth::Required,
+            Some((v, span)) => {
+                return Err(err(span, format!("client_auth {v:?}: expected none, optional or required")));
+            }
+        };
+        if client_auth != ClientAuth::None && self.tls.client_ca.is_none() {
+            let span = self.tls.client_auth.as_ref().map(|s| s.span()).unwrap_or(0..0);
+            return Err(err(span, "client_auth needs client_ca".into()));
+        }
+        let tls = TlsConfig {
+            cert: self.tls.cert,
+            key: self.tls.key,
+            min_version,
+            client_ca: self.tls.client_ca,
+            client_auth,
+        };
+        let limits = Limits {
+            max_connections: self.limits.max_connections,
+            max_connections_per_source: self.limits.max_connections_per_source,
+            handshake_timeout: dur(&self.limits.handshake_timeout, file, src)?,
+            drain_timeout: dur(&self.limits.drain_timeout, file, src)?,
+            upstream_connect_timeout: dur(&self.limits.upstream_connect_timeout, file, src)?,
+            cancel_per_source_per_second: self.limits.cancel_per_source_per_second,
+        };
+        let lockout = Lockout {
+            max_failures: self.lockout.max_failures,
+            window: dur(&self.lockout.window, file, src)?,
+            ban: dur(&self.lockout.ban, file, src)?,
+        };
+        let mut names = std::collections::HashSet::new();
+        let mut listens = std::collections::HashSet::new();
+        let mut postgres = Vec::new();
+        for p in self.postgres {
+            if !names.insert(p.name.get_ref().clone()) {
+                return Err(err(p.name.span(), format!("duplicate listener name {:?}", p.name.get_ref())));
+            }
+            let listen = addr(&p.listen, file, src)?;
+            if !listens.insert(listen) {
+                return Err(err(p.listen.span(), format!("address {listen} is used by two listeners")));
+            }
+            if p.upstream.get_ref().rsplit_once(':').and_then(|(_, port)| port.parse::<u16>().ok()).is_none() {
+                return Err(err(p.upstream.span(), format!("upstream {:?} must be host:port", p.upstream.get_ref())));
+            }
+            let auth = match p.auth.as_ref().map(|s| (s.get_ref().as_str(), s.span())) {
+                None | Some(("scram", _)) => PgAuthMode::Scram,
+                Some(("cert", _)) => PgAuthMode::Cert,
+                Some(("passthrough", _)) => PgAuthMode::Passthrough,
+                Some((v, span)) => return Err(err(span, format!("auth {v:?}: expected scram, cert or passthrough"))),
+            };
+            let ltls = match p.tls.as_ref().map(|s| (s.get_ref().as_str(), s.span())) {
+                None | Some(("required", _)) => ListenerTls::Required,
+                Some(("disabled", _)) => ListenerTls::Disabled,
+                Some((v, span)) => return Err(err(span, format!("tls {v:?}: expected required or disabled"))),
+            };
+            if let Some(v) = &p.upstream_password {
+                return Err(err(
+                    v.span(),
+                    "inline secrets are not accepted: use upstream_password_file or upstream_password_env".into(),
+                ));
+            }
+            let upstream_password = SecretRef::from_parts(p.upstream_password_file, p.upstream_password_env)
+                .map_err(|m| err(p.name.span(), m))?;
+            if auth != PgAuthMode::Passthrough && p.users_file.is_none() {
+                return Err(err(p.name.span(), "auth scram/cert needs users_file".into()));
+            }
+            if auth == PgAuthMode::Cert && tls.client_ca.is_none() {
+                return Err(err(p.name.span(), "auth = \"cert\" needs [tls] client_ca".into()));
+            }
+            let mut allow = Vec::new();
+            for a in &p.allow {
+                let net: IpNet = a
+                    .get_ref()
+                    .parse()
+                    .or_else(|_| a.get_ref().parse::<std::net::IpAddr>().map(IpNet::from))
+                    .map_err(|_| err(a.span(), format!("{:?} is not a CIDR", a.get_ref())))?;
+                allow.push(net);
+            }
+            postgres.push(PostgresListener {
+                name: p.name.into_inner(),
+                listen,
+                upstream: p.upstream.into_inner(),
+                auth,
+                tls: ltls,
+                users_file: p.users_file,
+                upstream_user: p.upstream_user,
+                upstream_password,
+                deny_users: p.deny_users,
+                deny_superuser: p.deny_superuser,
+                allow,
+                max_connections: p.max_connections,
+                upstream_tls: p.upstream_tls.map(|u| UpstreamTls { ca: u.ca, server_name: u.server_name }),
+            });
+        }
+        if postgres.is_empty() {
+            return Err(ConfigError::at(file, src, None, "no listener configured: add a [[postgres]] section"));
+        }
+        Ok(Config {
+            path: file.to_path_buf(),
+            admin_listen: addr(&self.admin.listen, file, src)?,
+            tls,
+            limits,
+            lockout,
+            postgres,
+        })
+    }
+}

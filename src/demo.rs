@@ -1,0 +1,276 @@
+//! Private PostgreSQL instances from the system binaries: used by `portcullis demo` and by the
+//! integration tests. Each has a bootstrap superuser `postgres`, a least-privilege runtime role
+//! `app_runtime`, a superuser `rogue_admin` (for the rejection tests) and a database `app`.
+
+use std::io;
+use std::net::TcpListener as StdListener;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// Where the PostgreSQL 15 server binaries are.
+pub const PG_BIN: &str = "/usr/lib/postgresql/15/bin";
+
+/// A running private PostgreSQL.
+#[derive(Debug)]
+pub struct PgInstance {
+    /// TCP port on 127.0.0.1.
+    pub port: u16,
+    /// Password of the bootstrap superuser `postgres`.
+    pub postgres_password: String,
+    /// Password of `app_runtime`.
+    pub runtime_password: String,
+    /// Password of `rogue_admin`.
+    pub rogue_password: String,
+    /// The server log (log_connections = on).
+    pub log: PathBuf,
+    dir: Option<tempfile::TempDir>,
+    socket_dir: PathBuf,
+    child: Option<Child>,
+    owner: Option<(u32, u32)>,
+}
+
+fn random_password() -> String {
+    let mut b = [0u8; 18];
+    rand::fill(&mut b);
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+/// A free TCP port on 127.0.0.1 (bound and released).
+pub fn free_port() -> io::Result<u16> {
+    Ok(StdListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+/// uid/gid of the `postgres` system user when we are root (PostgreSQL refuses to run as root).
+fn postgres_owner() -> Option<(u32, u32)> {
+    use std::os::unix::fs::MetadataExt;
+    let me = std::fs::metadata("/proc/self").ok()?.uid();
+    if me != 0 {
+        return None;
+    }
+    let passwd = std::fs::read_to_string("/etc/passwd").ok()?;
+    passwd.lines().find_map(|l| {
+        let f: Vec<&str> = l.split(':').collect();
+        (f.first() == Some(&"postgres") && f.len() > 3).then(|| Some((f[2].parse().ok()?, f[3].parse().ok()?)))?
+    })
+}
+
+impl PgInstance {
+    fn cmd(&self, bin: &str) -> Command {
+        let mut c = Command::new(Path::new(PG_BIN).join(bin));
+        if let Some((uid, gid)) = self.owner {
+            c.uid(uid).gid(gid);
+        }
+        c.env_remove("PGPASSWORD").env_remove("PGHOST").env_remove("PGPORT");
+        c
+    }
+
+    /// Initialises and starts a cluster in a fresh temporary directory. With `watch_pid`, a
+    /// watchdog stops the server and removes the directory when that process exits (for test
+    /// binaries, whose statics are never dropped).
+    pub fn start(watch_pid: Option<u32>) -> io::Result<PgInstance> {
+        if !Path::new(PG_BIN).join("postgres").exists() {
+            return Err(io::Error::other(format!(
+                "PostgreSQL 15 server binaries not found in {PG_BIN}: apt-get install -y postgresql-15"
+            )));
+        }
+        let dir = tempfile::Builder::new().prefix("portcullis-pg-").tempdir()?;
+        let owner = postgres_owner();
+        let data = dir.path().join("data");
+        let socket_dir = dir.path().join("sock");
+        std::fs::create_dir(&socket_dir)?;
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755))?;
+        }
+        let pwfile = dir.path().join("pw");
+        let mut inst = PgInstance {
+            port: free_port()?,
+            postgres_password: random_password(),
+            runtime_password: random_password(),
+            rogue_password: random_password(),
+            log: dir.path().join("postgres.log"),
+            socket_dir: socket_dir.clone(),
+            dir: None,
+            child: None,
+            owner,
+        };
+        std::fs::write(&pwfile, &inst.postgres_password)?;
+        std::fs::write(&inst.log, "")?;
+        if let Some((uid, gid)) = owner {
+            for p in [&socket_dir, &pwfile, &inst.log] {
+                std::os::unix::fs::chown(p, Some(uid), Some(gid))?;
+            }
+            std::os::unix::fs::chown(dir.path(), Some(uid), Some(gid))?;
+        }
+        let out = inst
+            .cmd("initdb")
+            .args(["-D"])
+            .arg(&data)
+            .args(["-U", "postgres", "--auth-host=scram-sha-256", "--auth-local=trust", "-E", "UTF8", "--no-sync"])
+            .arg(format!("--pwfile={}", pwfile.display()))
+            .output()?;
+        if !out.status.success() {
+            return Err(io::Error::other(format!("initdb failed: {}", String::from_utf8_lossy(&out.stderr))));
+        }
+        let _ = std::fs::remove_file(&pwfile);
+        let log = std::fs::OpenOptions::new().append(true).open(&inst.log)?;
+        let child = inst
+            .cmd("postgres")
+            .arg("-D")
+            .arg(&data)
+            .args(["-p", &inst.port.to_string(), "-c", "listen_addresses=127.0.0.1"])
+            .arg("-c")
+            .arg(format!("unix_socket_directories={}", socket_dir.display()))
+            .args(["-c", "log_connections=on", "-c", "fsync=off", "-c", "max_connections=200"])
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()?;
+        inst.child = Some(child);
+        if let Some(pid) = watch_pid {
+            // Detached watchdog: stop the server and clean up once the watched process is gone.
+            let script = format!(
+                "while kill -0 {pid} 2>/dev/null; do sleep 0.5; done; kill -INT {child} 2>/dev/null; sleep 2; kill -KILL {child} 2>/dev/null; rm -rf '{dir}'",
+                child = inst.child.as_ref().map(|c| c.id()).unwrap_or_default(),
+                dir = dir.path().display()
+            );
+            Command::new("sh")
+                .args(["-c", &script])
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .process_group(0)
+                .spawn()?;
+            // The watchdog owns the directory now.
+            let _ = dir.keep();
+        } else {
+            inst.dir = Some(dir);
+        }
+        inst.wait_ready()?;
+        inst.psql_admin(&format!(
+            "CREATE ROLE app_runtime LOGIN NOSUPERUSER NOBYPASSRLS NOCREATEROLE NOCREATEDB PASSWORD '{}';
+             CREATE ROLE rogue_admin LOGIN SUPERUSER PASSWORD '{}';
+             CREATE DATABASE app OWNER app_runtime;",
+            inst.runtime_password, inst.rogue_password
+        ))?;
+        Ok(inst)
+    }
+
+    fn wait_ready(&self) -> io::Result<()> {
+        let t = Instant::now();
+        loop {
+            let ok = self
+                .cmd("pg_isready")
+                .args(["-q", "-h"])
+                .arg(&self.socket_dir)
+                .args(["-p", &self.port.to_string(), "-U", "postgres"])
+                .status()
+                .map(|s| s.success())
+                .unwrap_or(false);
+            if ok {
+                return Ok(());
+            }
+            if t.elapsed() > Duration::from_secs(30) {
+                let log = std::fs::read_to_string(&self.log).unwrap_or_default();
+                return Err(io::Error::other(format!("postgres did not start within 30s:\n{log}")));
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Runs SQL as the bootstrap superuser over the Unix socket (never through the proxy).
+    pub fn psql_admin(&self, sql: &str) -> io::Result<String> {
+        let out = self
+            .cmd("psql")
+            .args(["-X", "-q", "-At", "-v", "ON_ERROR_STOP=1", "-h"])
+            .arg(&self.socket_dir)
+            .args(["-p", &self.port.to_string(), "-U", "postgres", "-d", "postgres", "-c", sql])
+            .output()?;
+        if !out.status.success() {
+            return Err(io::Error::other(format!("psql failed: {}", String::from_utf8_lossy(&out.stderr))));
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// The server log so far.
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Stops the server (fast shutdown) and removes its directory.
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = Command::new("kill").args(["-INT", &child.id().to_string()]).status();
+            let t = Instant::now();
+            while t.elapsed() < Duration::from_secs(10) {
+                if let Ok(Some(_)) = child.try_wait() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        self.dir.take();
+    }
+}
+
+impl Drop for PgInstance {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// `portcullis demo`: a private PostgreSQL, dev certificates and users, the proxy in front on
+/// the dev config's ports; prints a ready-to-paste psql line; Ctrl-C cleans up.
+pub async fn run_demo(config_path: &Path) -> Result<(), String> {
+    let certs = Path::new("certs-dev");
+    if !certs.join("server.crt").exists() {
+        crate::certs::write_dev_pki(certs, "app").map_err(|e| e.to_string())?;
+        println!("wrote dev certificates to {}", certs.display());
+    }
+    let pg = tokio::task::spawn_blocking(|| PgInstance::start(None))
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| e.to_string())?;
+    let work = tempfile::Builder::new().prefix("portcullis-demo-").tempdir().map_err(|e| e.to_string())?;
+    let runtime_pw = work.path().join("pg-runtime.pass");
+    std::fs::write(&runtime_pw, &pg.runtime_password).map_err(|e| e.to_string())?;
+    let app_password = "app-dev-password";
+    let users = work.path().join("users.toml");
+    std::fs::write(
+        &users,
+        format!(
+            "[[users]]\nname = \"app\"\npostgres_scram = \"{}\"\ncert_subjects = [\"CN=app\"]\n",
+            postgres_protocol::password::scram_sha_256(app_password.as_bytes())
+        ),
+    )
+    .map_err(|e| e.to_string())?;
+    let mut cfg = crate::config::load(config_path).map_err(|e| e.to_string())?;
+    for p in &mut cfg.postgres {
+        p.upstream = format!("127.0.0.1:{}", pg.port);
+        p.upstream_password = Some(crate::config::SecretRef::File(runtime_pw.clone()));
+        p.users_file = Some(users.clone());
+    }
+    let running = crate::app::Running::start(cfg).await.map_err(|e| e.to_string())?;
+    let (_, addr) = running.postgres_addrs.first().cloned().ok_or("no postgres listener")?;
+    println!("\nPortcullis demo is up (PostgreSQL 15 on 127.0.0.1:{}, admin on http://{}).", pg.port, running.admin_addr);
+    println!("Connect through the proxy (SCRAM-SHA-256-PLUS, TLS verified):\n");
+    println!(
+        "  PGSSLROOTCERT=certs-dev/ca.crt PGPASSWORD={app_password} psql \"host=localhost port={} user=app dbname=app sslmode=verify-full channel_binding=require\"\n",
+        addr.port()
+    );
+    println!("The bootstrap superuser is refused:\n");
+    println!(
+        "  PGSSLROOTCERT=certs-dev/ca.crt psql \"host=localhost port={} user=postgres dbname=app sslmode=verify-full\"\n",
+        addr.port()
+    );
+    println!("Ctrl-C stops everything.");
+    let _ = tokio::signal::ctrl_c().await;
+    running.drain().await;
+    drop(pg);
+    drop(work);
+    println!("stopped; private PostgreSQL removed");
+    Ok(())
+}

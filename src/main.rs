@@ -1,0 +1,166 @@
+//! The `portcullis` command line (clap). Everything else lives in the library.
+
+use std::io::Read;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand, ValueEnum};
+use tracing_subscriber::prelude::*;
+
+#[derive(Parser)]
+#[command(name = "portcullis", version, about = "TLS-terminating, authenticating sidecar proxy for PostgreSQL and Redis")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Serve the configured listeners (SIGHUP reloads, SIGTERM drains).
+    Run {
+        /// Config file.
+        #[arg(long, short, default_value = "config/dev.toml")]
+        config: PathBuf,
+    },
+    /// Validate the config and print the security lint; exit 1 on any error finding.
+    Check {
+        /// Config file.
+        #[arg(long, short, default_value = "config/dev.toml")]
+        config: PathBuf,
+    },
+    /// Development certificates.
+    Certs {
+        #[command(subcommand)]
+        cmd: CertsCmd,
+    },
+    /// User secrets.
+    User {
+        #[command(subcommand)]
+        cmd: UserCmd,
+    },
+    /// A private PostgreSQL with the proxy in front, on the dev config; Ctrl-C cleans up.
+    Demo {
+        /// Config file (its listeners are used; upstream and users are the demo's own).
+        #[arg(long, short, default_value = "config/dev.toml")]
+        config: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+enum CertsCmd {
+    /// Write an ECDSA dev CA, a server certificate (localhost, 127.0.0.1, ::1) and a client certificate (CN app).
+    Dev {
+        /// Output directory.
+        #[arg(long, default_value = "certs-dev")]
+        out: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+enum UserCmd {
+    /// Read a password on stdin and print its verifier for the users file.
+    Hash {
+        /// Which verifier: SCRAM-SHA-256 (postgres) or Argon2id PHC (redis).
+        #[arg(long, value_enum)]
+        protocol: HashProtocol,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum HashProtocol {
+    Postgres,
+    Redis,
+}
+
+fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("PORTCULLIS_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    // Operational logs go to stderr; audit events (target "audit") are JSON lines on stdout.
+    let logs = tracing_subscriber::fmt::layer()
+        .with_writer(std::io::stderr)
+        .with_filter(tracing_subscriber::filter::filter_fn(|m| m.target() != "audit"))
+        .with_filter(filter);
+    let audit = tracing_subscriber::fmt::layer()
+        .with_writer(std::io::stdout)
+        .without_time()
+        .with_level(false)
+        .with_target(false)
+        .with_ansi(false)
+        .with_filter(tracing_subscriber::filter::filter_fn(|m| m.target() == "audit"));
+    tracing_subscriber::registry().with(logs).with(audit).init();
+}
+
+fn read_password() -> anyhow::Result<String> {
+    let mut s = String::new();
+    std::io::stdin().read_to_string(&mut s).context("reading the password from stdin")?;
+    let pw = s.lines().next().unwrap_or_default().to_string();
+    anyhow::ensure!(!pw.is_empty(), "empty password on stdin");
+    Ok(pw)
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match real_main(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("portcullis: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
+    match cli.cmd {
+        Cmd::Run { config } => {
+            init_tracing();
+            let cfg = portcullis::config::load(&config)?;
+            let rt = tokio::runtime::Runtime::new()?;
+            rt.block_on(portcullis::app::run(cfg))?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Check { config } => {
+            let cfg = match portcullis::config::load(&config) {
+                Ok(c) => c,
+                Err(e) => {
+                    println!("error   PC000  {e}");
+                    println!("\n1 error, 0 warnings");
+                    return Ok(ExitCode::from(1));
+                }
+            };
+            let findings = portcullis::config::lint::lint(&cfg);
+            for f in &findings {
+                println!("{f}");
+            }
+            let errors = findings.iter().filter(|f| f.severity == portcullis::config::lint::Severity::Error).count();
+            println!("\n{} error{}, {} warning{} in {}", errors, if errors == 1 { "" } else { "s" },
+                findings.len() - errors, if findings.len() - errors == 1 { "" } else { "s" }, config.display());
+            Ok(if errors > 0 { ExitCode::from(1) } else { ExitCode::SUCCESS })
+        }
+        Cmd::Certs { cmd: CertsCmd::Dev { out } } => {
+            portcullis::certs::write_dev_pki(&out, "app")?;
+            println!("wrote ca.crt ca.key server.crt server.key client.crt client.key to {}", out.display());
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::User { cmd: UserCmd::Hash { protocol } } => {
+            let pw = read_password()?;
+            match protocol {
+                HashProtocol::Postgres => println!("{}", postgres_protocol::password::scram_sha_256(pw.as_bytes())),
+                HashProtocol::Redis => {
+                    use argon2::PasswordHasher;
+                    let h = argon2::Argon2::default()
+                        .hash_password(pw.as_bytes())
+                        .map_err(|e| anyhow::anyhow!("argon2: {e}"))?;
+                    println!("{h}");
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Demo { config } => {
+            init_tracing();
+            let rt = tokio::runtime::Runtime::new()?;
+            rt.block_on(portcullis::demo::run_demo(&config)).map_err(|e| anyhow::anyhow!(e))?;
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}

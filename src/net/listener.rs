@@ -1,0 +1,180 @@
+//! Accepting client connections: admission (CIDR allow-list, connection limits), a session id
+//! and a tracing span per connection, then the protocol's handler. Lockout is checked by the
+//! protocol once it can answer in its own words.
+
+use std::future::Future;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+
+use dashmap::DashMap;
+use ipnet::IpNet;
+use tokio::net::{TcpListener, TcpStream};
+use tracing::Instrument;
+
+use crate::app::Shared;
+use crate::audit::{Event, Record};
+use crate::metrics::{ConnOutcome, Protocol};
+
+/// Open-connection counts, global and per source address.
+#[derive(Debug, Default)]
+pub struct ConnCounter {
+    total: AtomicUsize,
+    per_source: DashMap<IpAddr, usize>,
+}
+
+/// Holds one slot in the counters; released on drop.
+#[derive(Debug)]
+pub struct ConnPermit {
+    counter: Arc<ConnCounter>,
+    listener_count: Arc<AtomicUsize>,
+    ip: IpAddr,
+    gauge: prometheus::IntGauge,
+}
+
+impl Drop for ConnPermit {
+    fn drop(&mut self) {
+        self.counter.total.fetch_sub(1, Ordering::Relaxed);
+        self.listener_count.fetch_sub(1, Ordering::Relaxed);
+        self.gauge.dec();
+        if let dashmap::Entry::Occupied(mut e) = self.counter.per_source.entry(self.ip) {
+            *e.get_mut() -= 1;
+            if *e.get() == 0 {
+                e.remove();
+            }
+        }
+    }
+}
+
+/// Why admission said no (the protocol answers it, e.g. SQLSTATE 53300).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AdmitRefusal {
+    /// Global, per-listener or per-source limit reached.
+    LimitReached,
+}
+
+/// What the accept loop hands a protocol handler.
+#[derive(Debug)]
+pub struct Accepted {
+    /// The client's TCP connection (TCP_NODELAY set).
+    pub tcp: TcpStream,
+    /// Client address.
+    pub peer: SocketAddr,
+    /// Session id for logs and audit.
+    pub session: String,
+    /// The admission slot, or why there is none.
+    pub admission: Result<ConnPermit, AdmitRefusal>,
+}
+
+/// The static description of a listener for the accept loop.
+#[derive(Debug, Clone)]
+pub struct ListenerSpec {
+    /// Listener name (metric label).
+    pub name: String,
+    /// Protocol (metric label).
+    pub protocol: Protocol,
+    /// Allowed source networks; empty = any.
+    pub allow: Vec<IpNet>,
+    /// Per-listener connection limit.
+    pub max_connections: Option<usize>,
+}
+
+static SESSION_SEQ: AtomicU64 = AtomicU64::new(1);
+
+fn next_session_id() -> String {
+    format!("{:x}-{}", std::process::id(), SESSION_SEQ.fetch_add(1, Ordering::Relaxed))
+}
+
+fn allowed(allow: &[IpNet], ip: IpAddr) -> bool {
+    let ip = match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(IpAddr::V6(v6)),
+        v4 => v4,
+    };
+    allow.is_empty() || allow.iter().any(|n| n.contains(&ip))
+}
+
+fn admit(
+    shared: &Shared,
+    spec: &ListenerSpec,
+    listener_count: &Arc<AtomicUsize>,
+    ip: IpAddr,
+) -> Result<ConnPermit, AdmitRefusal> {
+    let limits = shared.config().limits.clone();
+    let counter = shared.conns.clone();
+    let total = counter.total.fetch_add(1, Ordering::Relaxed) + 1;
+    let on_listener = listener_count.fetch_add(1, Ordering::Relaxed) + 1;
+    let from_source = {
+        let mut e = counter.per_source.entry(ip).or_insert(0);
+        *e += 1;
+        *e
+    };
+    let gauge = shared.metrics.active(&spec.name, spec.protocol);
+    gauge.inc();
+    let permit = ConnPermit { counter, listener_count: listener_count.clone(), ip, gauge };
+    if total > limits.max_connections
+        || from_source > limits.max_connections_per_source
+        || spec.max_connections.is_some_and(|m| on_listener > m)
+    {
+        drop(permit);
+        return Err(AdmitRefusal::LimitReached);
+    }
+    Ok(permit)
+}
+
+/// Accepts until shutdown; each admitted connection runs `handle` in its own task, tracked
+/// for draining.
+pub async fn accept_loop<F, Fut>(listener: TcpListener, spec: ListenerSpec, shared: Arc<Shared>, handle: F)
+where
+    F: Fn(Accepted) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    let listener_count = Arc::new(AtomicUsize::new(0));
+    loop {
+        let (tcp, peer) = tokio::select! {
+            _ = shared.shutdown.cancelled() => break,
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    // EMFILE and friends: back off briefly instead of spinning.
+                    tracing::warn!(listener = %spec.name, error = %e, "accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let session = next_session_id();
+        if !allowed(&spec.allow, peer.ip()) {
+            shared.metrics.connection(&spec.name, spec.protocol, ConnOutcome::NotAllowed);
+            let mut r = Record::new(Event::ConnRejected);
+            r.listener = Some(&spec.name);
+            r.protocol = Some(spec.protocol.as_str());
+            r.session = Some(&session);
+            r.peer = Some(peer);
+            r.outcome = Some("refused");
+            r.reason = Some("source_not_allowed");
+            r.emit();
+            drop(tcp);
+            continue;
+        }
+        let _ = tcp.set_nodelay(true);
+        let admission = admit(&shared, &spec, &listener_count, peer.ip());
+        let span = tracing::info_span!("conn", listener = %spec.name, session = %session, peer = %peer);
+        let fut = handle(Accepted { tcp, peer, session, admission });
+        shared.tracker.spawn(fut.instrument(span));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn allow_list_matches_v4_mapped() {
+        let allow: Vec<IpNet> = vec!["127.0.0.0/8".parse().unwrap(), "::1/128".parse().unwrap()];
+        assert!(allowed(&allow, "127.0.0.1".parse().unwrap()));
+        assert!(allowed(&allow, "::ffff:127.0.0.2".parse().unwrap()));
+        assert!(allowed(&allow, "::1".parse().unwrap()));
+        assert!(!allowed(&allow, "10.1.2.3".parse().unwrap()));
+        assert!(allowed(&[], "10.1.2.3".parse().unwrap()));
+    }
+}

@@ -1,0 +1,155 @@
+//! The PostgreSQL side: startup negotiation (SSLRequest, GSSENCRequest, direct TLS,
+//! CancelRequest), client authentication, the bootstrap/superuser rejection, the upstream
+//! login with runtime credentials, and byte forwarding after ReadyForQuery.
+
+pub mod cancel;
+pub mod codec;
+pub mod reply;
+pub mod session;
+pub mod startup;
+pub mod upstream;
+
+use std::sync::{Arc, RwLock};
+
+use dashmap::DashMap;
+use sha2::Digest;
+
+use crate::auth::Users;
+use crate::config::{ConfigError, PostgresListener};
+use crate::net::tls::TlsError;
+use crate::net::upstream::UpstreamTlsClient;
+
+/// Listener construction errors.
+#[derive(Debug, thiserror::Error)]
+pub enum PgListenerError {
+    /// The users file does not load.
+    #[error(transparent)]
+    Users(#[from] ConfigError),
+    /// `upstream_tls` does not load.
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+}
+
+impl From<PgListenerError> for crate::app::AppError {
+    fn from(e: PgListenerError) -> Self {
+        match e {
+            PgListenerError::Users(c) => crate::app::AppError::Config(c),
+            PgListenerError::Tls(t) => crate::app::AppError::Tls(t),
+        }
+    }
+}
+
+/// Per-listener state: its config, users, upstream TLS client, cancel keys and caches.
+#[derive(Debug)]
+pub struct PgListener {
+    cfg: RwLock<Arc<PostgresListener>>,
+    users: RwLock<(Arc<Users>, Vec<u8>)>,
+    upstream_tls: RwLock<Option<UpstreamTlsClient>>,
+    /// Proxy-issued cancel keys → upstream keys of open sessions.
+    pub cancels: cancel::CancelMap,
+    /// SCRAM SaltedPassword cache for upstream logins, keyed by a hash of (password, salt, iterations).
+    salted: DashMap<[u8; 32], [u8; 32]>,
+}
+
+fn users_fingerprint(cfg: &PostgresListener) -> Vec<u8> {
+    cfg.users_file
+        .as_ref()
+        .map(|p| sha2::Sha256::digest(std::fs::read(p).unwrap_or_default()).to_vec())
+        .unwrap_or_default()
+}
+
+fn load_users(cfg: &PostgresListener) -> Result<Users, ConfigError> {
+    match &cfg.users_file {
+        Some(p) => Users::load(p),
+        None => Ok(Users::default()),
+    }
+}
+
+impl PgListener {
+    /// Loads the listener's users and upstream TLS settings.
+    pub fn new(cfg: &PostgresListener) -> Result<PgListener, PgListenerError> {
+        let fp = users_fingerprint(cfg);
+        let users = load_users(cfg)?;
+        let tls = cfg.upstream_tls.as_ref().map(|t| UpstreamTlsClient::new(t, Some(b"postgresql"))).transpose()?;
+        Ok(PgListener {
+            cfg: RwLock::new(Arc::new(cfg.clone())),
+            users: RwLock::new((Arc::new(users), fp)),
+            upstream_tls: RwLock::new(tls),
+            cancels: cancel::CancelMap::default(),
+            salted: DashMap::new(),
+        })
+    }
+
+    /// The current listener config.
+    pub fn config(&self) -> Arc<PostgresListener> {
+        self.cfg.read().map(|c| c.clone()).unwrap_or_else(|p| p.into_inner().clone())
+    }
+
+    /// The current users.
+    pub fn users(&self) -> Arc<Users> {
+        self.users.read().map(|u| u.0.clone()).unwrap_or_else(|p| p.into_inner().0.clone())
+    }
+
+    /// The upstream TLS client, when configured.
+    pub fn upstream_tls(&self) -> Option<UpstreamTlsClient> {
+        self.upstream_tls.read().map(|t| t.clone()).unwrap_or_else(|p| p.into_inner().clone())
+    }
+
+    /// True when the users file's content changed since it was loaded.
+    pub fn users_changed(&self) -> bool {
+        let cfg = self.config();
+        let current = self.users.read().map(|u| u.1.clone()).unwrap_or_default();
+        cfg.users_file.is_some() && users_fingerprint(&cfg) != current
+    }
+
+    /// Loads the users file again; the old users stay on error.
+    pub fn reload_users(&self) -> Result<usize, ConfigError> {
+        let cfg = self.config();
+        let fp = users_fingerprint(&cfg);
+        let users = load_users(&cfg);
+        let mut g = self.users.write().unwrap_or_else(|p| p.into_inner());
+        match users {
+            Ok(u) => {
+                let n = u.len();
+                *g = (Arc::new(u), fp);
+                Ok(n)
+            }
+            Err(e) => {
+                // Remember the bad content so it is reported once, not every poll.
+                g.1 = fp;
+                Err(e)
+            }
+        }
+    }
+
+    /// Applies a reloaded listener config (users and upstream TLS are loaded first).
+    pub fn reload(&self, cfg: &PostgresListener) -> Result<(), PgListenerError> {
+        let fp = users_fingerprint(cfg);
+        let users = load_users(cfg)?;
+        let tls = cfg.upstream_tls.as_ref().map(|t| UpstreamTlsClient::new(t, Some(b"postgresql"))).transpose()?;
+        *self.users.write().unwrap_or_else(|p| p.into_inner()) = (Arc::new(users), fp);
+        *self.upstream_tls.write().unwrap_or_else(|p| p.into_inner()) = tls;
+        *self.cfg.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(cfg.clone());
+        Ok(())
+    }
+
+    /// SaltedPassword for an upstream SCRAM login, cached so reconnects skip the PBKDF2 work.
+    pub fn salted_password(&self, password: &str, salt: &[u8], iterations: u32) -> [u8; 32] {
+        let mut h = sha2::Sha256::new();
+        h.update(password.as_bytes());
+        h.update([0]);
+        h.update(salt);
+        h.update(iterations.to_be_bytes());
+        let key: [u8; 32] = h.finalize().into();
+        if let Some(v) = self.salted.get(&key) {
+            return *v;
+        }
+        let prepared = crate::auth::scram::prepare_password(password);
+        let v = crate::auth::scram::salted_password(prepared.as_bytes(), salt, iterations);
+        if self.salted.len() > 1024 {
+            self.salted.clear();
+        }
+        self.salted.insert(key, v);
+        v
+    }
+}
