@@ -150,10 +150,10 @@ impl PgInstance {
         inst.wait_ready()?;
         inst.psql_admin(&format!(
             "CREATE ROLE app_runtime LOGIN NOSUPERUSER NOBYPASSRLS NOCREATEROLE NOCREATEDB PASSWORD '{}';
-             CREATE ROLE rogue_admin LOGIN SUPERUSER PASSWORD '{}';
-             CREATE DATABASE app OWNER app_runtime;",
+             CREATE ROLE rogue_admin LOGIN SUPERUSER PASSWORD '{}';",
             inst.runtime_password, inst.rogue_password
         ))?;
+        inst.psql_admin("CREATE DATABASE app OWNER app_runtime")?;
         Ok(inst)
     }
 

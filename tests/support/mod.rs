@@ -1,0 +1,249 @@
+//! Test harness: one private PostgreSQL 15 per test binary (real server, ephemeral port,
+//! `log_connections = on`), dev certificates, and a proxy per test built from a TOML snippet.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, OnceLock};
+
+use portcullis::app::Running;
+use portcullis::demo::PgInstance;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject};
+
+/// The shared PostgreSQL of this test binary (stopped by a watchdog when the binary exits).
+pub fn pg() -> &'static PgInstance {
+    static PG: OnceLock<PgInstance> = OnceLock::new();
+    PG.get_or_init(|| {
+        PgInstance::start(Some(std::process::id())).expect("PostgreSQL 15 must start for these tests (apt-get install postgresql-15)")
+    })
+}
+
+/// Dev PKI shared by the tests of this binary.
+pub fn certs() -> &'static Path {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let d = tempfile::Builder::new().prefix("portcullis-certs-").tempdir().unwrap().keep();
+        portcullis::certs::write_dev_pki(&d, "app").unwrap();
+        d
+    })
+}
+
+/// Password of the proxy user `app` in test users files.
+pub const APP_PASSWORD: &str = "app-test-pw-5f2c9a";
+/// Password of the proxy user `rogue` (mapped to upstream `rogue_admin`).
+pub const ROGUE_PASSWORD: &str = "rogue-test-pw-8d1e77";
+
+/// A proxy running in this test's runtime, with its files.
+pub struct Proxy {
+    pub running: Running,
+    pub dir: tempfile::TempDir,
+    pub config_path: PathBuf,
+}
+
+impl Proxy {
+    pub fn addr(&self) -> std::net::SocketAddr {
+        self.running.postgres_addrs[0].1
+    }
+    pub fn port(&self) -> u16 {
+        self.addr().port()
+    }
+    pub fn metrics(&self) -> String {
+        self.running.shared().metrics.render()
+    }
+}
+
+/// Writes a config (with `[tls]` pointing at the shared dev PKI, a users file with `app` and
+/// `rogue`, and the runtime password file) and starts the proxy. `listener_extra` is appended
+/// inside the `[[postgres]]` table; `top_extra` goes before it.
+pub async fn proxy(top_extra: &str, listener_extra: &str) -> Proxy {
+    proxy_with_upstream(top_extra, listener_extra, &format!("127.0.0.1:{}", pg().port)).await
+}
+
+pub async fn proxy_with_upstream(top_extra: &str, listener_extra: &str, upstream: &str) -> Proxy {
+    let pg = pg();
+    let dir = tempfile::tempdir().unwrap();
+    let c = certs();
+    std::fs::write(dir.path().join("runtime.pass"), format!("{}\n", pg.runtime_password)).unwrap();
+    std::fs::write(dir.path().join("rogue.pass"), &pg.rogue_password).unwrap();
+    let users = format!(
+        r#"
+[[users]]
+name = "app"
+postgres_scram = "{app}"
+cert_subjects = ["CN=app"]
+
+[[users]]
+name = "rogue"
+postgres_scram = "{rogue}"
+upstream_user = "rogue_admin"
+upstream_password_file = "{dir}/rogue.pass"
+
+[[users]]
+name = "postgres"
+postgres_scram = "{app}"
+"#,
+        app = postgres_protocol::password::scram_sha_256(APP_PASSWORD.as_bytes()),
+        rogue = postgres_protocol::password::scram_sha_256(ROGUE_PASSWORD.as_bytes()),
+        dir = dir.path().display()
+    );
+    std::fs::write(dir.path().join("users.toml"), users).unwrap();
+    let top_has_tls = top_extra.contains("[tls]");
+    let tls = if top_has_tls {
+        String::new()
+    } else {
+        format!(
+            "[tls]\ncert = \"{c}/server.crt\"\nkey = \"{c}/server.key\"\nclient_ca = \"{c}/ca.crt\"\n",
+            c = c.display()
+        )
+    };
+    let config = format!(
+        r#"
+[admin]
+listen = "127.0.0.1:0"
+{tls}
+{top_extra}
+
+[[postgres]]
+name = "main"
+listen = "127.0.0.1:0"
+upstream = "{upstream}"
+users_file = "{dir}/users.toml"
+upstream_user = "app_runtime"
+upstream_password_file = "{dir}/runtime.pass"
+deny_users = ["postgres"]
+allow = ["127.0.0.0/8"]
+{listener_extra}
+"#,
+        dir = dir.path().display()
+    );
+    let config_path = dir.path().join("portcullis.toml");
+    std::fs::write(&config_path, config).unwrap();
+    let cfg = portcullis::config::load(&config_path).unwrap_or_else(|e| panic!("test config: {e}"));
+    let running = Running::start(cfg).await.unwrap();
+    Proxy { running, dir, config_path }
+}
+
+/// A rustls client config trusting the dev CA (ring provider), optionally with the client cert.
+pub fn client_tls(with_client_cert: bool) -> rustls::ClientConfig {
+    client_tls_versions(with_client_cert, &[&rustls::version::TLS13, &rustls::version::TLS12], certs())
+}
+
+pub fn client_tls_versions(
+    with_client_cert: bool,
+    versions: &[&'static rustls::SupportedProtocolVersion],
+    pki: &Path,
+) -> rustls::ClientConfig {
+    let mut roots = rustls::RootCertStore::empty();
+    for c in CertificateDer::pem_file_iter(pki.join("ca.crt")).unwrap() {
+        roots.add(c.unwrap()).unwrap();
+    }
+    let b = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_protocol_versions(versions)
+        .unwrap()
+        .with_root_certificates(roots);
+    if with_client_cert {
+        let chain: Vec<_> = CertificateDer::pem_file_iter(pki.join("client.crt")).unwrap().map(|c| c.unwrap()).collect();
+        let key = PrivateKeyDer::from_pem_file(pki.join("client.key")).unwrap();
+        b.with_client_auth_cert(chain, key).unwrap()
+    } else {
+        b.with_no_client_auth()
+    }
+}
+
+/// Connects with tokio-postgres over rustls; `extra` is appended to the connection string.
+pub async fn connect(
+    port: u16,
+    user: &str,
+    password: &str,
+    extra: &str,
+) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
+    connect_tls(port, user, password, extra, client_tls(false)).await
+}
+
+pub async fn connect_tls(
+    port: u16,
+    user: &str,
+    password: &str,
+    extra: &str,
+    tls: rustls::ClientConfig,
+) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
+    let conn_str = format!("host=localhost port={port} user={user} password={password} dbname=app sslmode=require {extra}");
+    let (client, conn) = conn_str
+        .parse::<tokio_postgres::Config>()?
+        .connect(tokio_postgres_rustls::MakeRustlsConnect::new(tls))
+        .await?;
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    Ok(client)
+}
+
+/// SQLSTATE and message of a tokio-postgres error (panics if it is not a server error).
+pub fn db_error(e: &tokio_postgres::Error) -> (String, String) {
+    let d = e.as_db_error().unwrap_or_else(|| panic!("expected a server error, got: {e:?}"));
+    (d.code().code().to_string(), d.message().to_string())
+}
+
+/// SSLRequest + TLS + a StartupMessage by hand; returns the first backend message.
+pub async fn tls_startup(port: u16, params: &[(&str, &str)]) -> (u8, Vec<u8>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    s.write_all(&[0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f]).await.unwrap();
+    let mut b = [0u8; 1];
+    s.read_exact(&mut b).await.unwrap();
+    assert_eq!(b[0], b'S');
+    let mut tls = tls_connect(s, client_tls(false)).await;
+    tls.write_all(&raw::startup(196_608, params)).await.unwrap();
+    raw::read_msg(&mut tls).await.unwrap()
+}
+
+/// A TLS client handshake over `s` to "localhost".
+pub async fn tls_connect(
+    s: tokio::net::TcpStream,
+    cfg: rustls::ClientConfig,
+) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    tokio_rustls::TlsConnector::from(Arc::new(cfg)).connect(name, s).await.unwrap()
+}
+
+/// Raw plaintext helpers for byte-level tests.
+pub mod raw {
+    use tokio::io::{AsyncRead, AsyncReadExt};
+
+    /// A StartupMessage with a version and parameters.
+    pub fn startup(version: i32, params: &[(&str, &str)]) -> Vec<u8> {
+        let mut b = vec![0, 0, 0, 0];
+        b.extend_from_slice(&version.to_be_bytes());
+        for (k, v) in params {
+            b.extend_from_slice(k.as_bytes());
+            b.push(0);
+            b.extend_from_slice(v.as_bytes());
+            b.push(0);
+        }
+        b.push(0);
+        let n = b.len() as i32;
+        b[0..4].copy_from_slice(&n.to_be_bytes());
+        b
+    }
+
+    /// Reads one typed backend message: (tag, body).
+    pub async fn read_msg<S: AsyncRead + Unpin>(s: &mut S) -> std::io::Result<(u8, Vec<u8>)> {
+        let mut head = [0u8; 5];
+        s.read_exact(&mut head).await?;
+        let len = i32::from_be_bytes([head[1], head[2], head[3], head[4]]) as usize;
+        let mut body = vec![0u8; len - 4];
+        s.read_exact(&mut body).await?;
+        Ok((head[0], body))
+    }
+
+    /// Fields of an ErrorResponse body by code byte.
+    pub fn fields(body: &[u8]) -> Vec<(u8, String)> {
+        portcullis::postgres::codec::error_fields(body)
+    }
+
+    /// (SQLSTATE, message) of an ErrorResponse body.
+    pub fn code_and_message(body: &[u8]) -> (String, String) {
+        let f = fields(body);
+        let get = |c| f.iter().find(|(k, _)| *k == c).map(|(_, v)| v.clone()).unwrap_or_default();
+        (get(b'C'), get(b'M'))
+    }
+}
