@@ -69,7 +69,8 @@ impl PgInstance {
     /// Initialises and starts a cluster in a fresh temporary directory. With `watch_pid`, a
     /// watchdog stops the server and removes the directory when that process exits (for test
     /// binaries, whose statics are never dropped).
-    pub fn start(watch_pid: Option<u32>) -> io::Result<PgInstance> {
+    /// `tls`: a (certificate, key) pair to serve with `ssl = on` (plaintext stays allowed).
+    pub fn start(watch_pid: Option<u32>, tls: Option<(&Path, &Path)>) -> io::Result<PgInstance> {
         if !Path::new(PG_BIN).join("postgres").exists() {
             return Err(io::Error::other(format!(
                 "PostgreSQL 15 server binaries not found in {PG_BIN}: apt-get install -y postgresql-15"
@@ -115,6 +116,19 @@ impl PgInstance {
             return Err(io::Error::other(format!("initdb failed: {}", String::from_utf8_lossy(&out.stderr))));
         }
         let _ = std::fs::remove_file(&pwfile);
+        let mut ssl_args = Vec::new();
+        if let Some((cert, key)) = tls {
+            use std::os::unix::fs::PermissionsExt;
+            for (src, name) in [(cert, "server.crt"), (key, "server.key")] {
+                let dst = data.join(name);
+                std::fs::copy(src, &dst)?;
+                std::fs::set_permissions(&dst, std::fs::Permissions::from_mode(0o600))?;
+                if let Some((uid, gid)) = owner {
+                    std::os::unix::fs::chown(&dst, Some(uid), Some(gid))?;
+                }
+            }
+            ssl_args = vec!["-c".to_string(), "ssl=on".to_string()];
+        }
         let log = std::fs::OpenOptions::new().append(true).open(&inst.log)?;
         let child = inst
             .cmd("postgres")
@@ -124,6 +138,7 @@ impl PgInstance {
             .arg("-c")
             .arg(format!("unix_socket_directories={}", socket_dir.display()))
             .args(["-c", "log_connections=on", "-c", "fsync=off", "-c", "max_connections=200"])
+            .args(&ssl_args)
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()?;
@@ -230,7 +245,7 @@ pub async fn run_demo(config_path: &Path) -> Result<(), String> {
         crate::certs::write_dev_pki(certs, "app").map_err(|e| e.to_string())?;
         println!("wrote dev certificates to {}", certs.display());
     }
-    let pg = tokio::task::spawn_blocking(|| PgInstance::start(None))
+    let pg = tokio::task::spawn_blocking(|| PgInstance::start(None, None))
         .await
         .map_err(|e| e.to_string())?
         .map_err(|e| e.to_string())?;

@@ -164,9 +164,10 @@ pub fn auth_ok() -> Bytes {
 pub fn backend_key_data(pid: i32, secret: i32) -> Bytes {
     encode(BackendKeyData::new(pid, SecretKey::I32(secret)))
 }
-/// `NegotiateProtocolVersion`: newest minor version we support and the options we ignore.
-pub fn negotiate_protocol_version(newest_minor: i32, unsupported: Vec<String>) -> Bytes {
-    encode(NegotiateProtocolVersion::new(newest_minor, unsupported))
+/// `NegotiateProtocolVersion`: the newest version we support (PostgreSQL 15 sends the full
+/// version number, 196608 for 3.0) and the options we ignore.
+pub fn negotiate_protocol_version(newest: i32, unsupported: Vec<String>) -> Bytes {
+    encode(NegotiateProtocolVersion::new(newest, unsupported))
 }
 
 /// A frontend password-family message ('p') carrying `data` (SASLInitialResponse / SASLResponse).

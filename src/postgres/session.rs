@@ -161,7 +161,7 @@ impl Session {
             return Err(ConnOutcome::LockedOut);
         }
         if startup.needs_negotiation() {
-            let npv = codec::negotiate_protocol_version(0, startup.unsupported_options.clone());
+            let npv = codec::negotiate_protocol_version(196_608, startup.unsupported_options.clone());
             codec::send(&mut client.io, &npv).await.map_err(|_| ConnOutcome::Closed)?;
         }
         if let Err(rej) = check_login(&startup, &self.cfg.deny_users) {

@@ -13,7 +13,8 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject};
 pub fn pg() -> &'static PgInstance {
     static PG: OnceLock<PgInstance> = OnceLock::new();
     PG.get_or_init(|| {
-        PgInstance::start(Some(std::process::id())).expect("PostgreSQL 15 must start for these tests (apt-get install postgresql-15)")
+        let c = certs();
+        PgInstance::start(Some(std::process::id()), Some((&c.join("server.crt"), &c.join("server.key")))).expect("PostgreSQL 15 must start for these tests (apt-get install postgresql-15)")
     })
 }
 
@@ -21,7 +22,11 @@ pub fn pg() -> &'static PgInstance {
 pub fn certs() -> &'static Path {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
     DIR.get_or_init(|| {
-        let d = tempfile::Builder::new().prefix("portcullis-certs-").tempdir().unwrap().keep();
+        // One PKI per test binary, regenerated each run, under target/ (no /tmp litter).
+        let exe = std::env::current_exe().unwrap();
+        let name = exe.file_name().unwrap().to_string_lossy().into_owned();
+        let d = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("pki-{name}"));
+        let _ = std::fs::remove_dir_all(&d);
         portcullis::certs::write_dev_pki(&d, "app").unwrap();
         d
     })
