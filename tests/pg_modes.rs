@@ -13,35 +13,75 @@ use tokio::net::TcpStream;
 #[tokio::test]
 async fn cert_mode_maps_the_client_certificate_to_the_user() {
     let p = proxy("", "auth = \"cert\"").await;
-    let c = connect_tls(p.port(), "app", "", "", client_tls(true)).await.expect("cert login");
+    let c = connect_tls(p.port(), "app", "", "", client_tls(true))
+        .await
+        .expect("cert login");
     let row = c.query_one("select current_user::text", &[]).await.unwrap();
     assert_eq!(row.get::<_, String>(0), "app_runtime");
     // a certificate that maps to another user
-    let e = connect_tls(p.port(), "rogue", "", "", client_tls(true)).await.err().unwrap();
-    assert_eq!(db_error(&e), ("28000".into(), "certificate authentication failed for user \"rogue\"".into()));
+    let e = connect_tls(p.port(), "rogue", "", "", client_tls(true))
+        .await
+        .err()
+        .unwrap();
+    assert_eq!(
+        db_error(&e),
+        (
+            "28000".into(),
+            "certificate authentication failed for user \"rogue\"".into()
+        )
+    );
     // no certificate at all
-    let e = connect_tls(p.port(), "app", APP_PASSWORD, "", client_tls(false)).await.err().unwrap();
-    assert_eq!(db_error(&e), ("28000".into(), "connection requires a valid client certificate".into()));
+    let e = connect_tls(p.port(), "app", APP_PASSWORD, "", client_tls(false))
+        .await
+        .err()
+        .unwrap();
+    assert_eq!(
+        db_error(&e),
+        (
+            "28000".into(),
+            "connection requires a valid client certificate".into()
+        )
+    );
 }
 
 #[tokio::test]
 async fn passthrough_lets_the_upstream_authenticate() {
     let p = proxy("", "auth = \"passthrough\"").await;
     let pw = &pg().runtime_password;
-    let c = connect(p.port(), "app_runtime", pw, "").await.expect("upstream authenticates");
+    let c = connect(p.port(), "app_runtime", pw, "")
+        .await
+        .expect("upstream authenticates");
     let row = c.query_one("select current_user::text", &[]).await.unwrap();
     assert_eq!(row.get::<_, String>(0), "app_runtime");
-    let e = connect(p.port(), "app_runtime", "wrong", "").await.err().unwrap();
-    assert_eq!(db_error(&e), ("28P01".into(), "password authentication failed for user \"app_runtime\"".into()));
+    let e = connect(p.port(), "app_runtime", "wrong", "")
+        .await
+        .err()
+        .unwrap();
+    assert_eq!(
+        db_error(&e),
+        (
+            "28P01".into(),
+            "password authentication failed for user \"app_runtime\"".into()
+        )
+    );
     // the superuser check still applies after the upstream's own authentication
-    let e = connect(p.port(), "rogue_admin", &pg().rogue_password, "").await.err().unwrap();
+    let e = connect(p.port(), "rogue_admin", &pg().rogue_password, "")
+        .await
+        .err()
+        .unwrap();
     assert_eq!(db_error(&e).0, "42501");
     // and deny_users before it
-    let e = connect(p.port(), "postgres", &pg().postgres_password, "").await.err().unwrap();
+    let e = connect(p.port(), "postgres", &pg().postgres_password, "")
+        .await
+        .err()
+        .unwrap();
     assert_eq!(db_error(&e).0, "42501");
     // -PLUS is stripped (the client would bind to the proxy's certificate, the upstream to its
     // own): a client that requires channel binding gives up on its side.
-    let e = connect(p.port(), "app_runtime", pw, "channel_binding=require").await.err().unwrap();
+    let e = connect(p.port(), "app_runtime", pw, "channel_binding=require")
+        .await
+        .err()
+        .unwrap();
     assert!(e.as_db_error().is_none(), "{e}");
 }
 
@@ -49,16 +89,28 @@ async fn passthrough_lets_the_upstream_authenticate() {
 async fn tls12_client_is_refused_under_min_13_and_accepted_under_min_12() {
     let p = proxy("", "").await;
     let tls12 = client_tls_versions(false, &[&rustls::version::TLS12], certs());
-    let e = connect_tls(p.port(), "app", APP_PASSWORD, "", tls12.clone()).await.err().expect("TLS 1.2 refused");
+    let e = connect_tls(p.port(), "app", APP_PASSWORD, "", tls12.clone())
+        .await
+        .expect_err("TLS 1.2 refused");
     assert!(e.as_db_error().is_none(), "refused in the handshake: {e}");
-    assert!(p.metrics().contains(r#"portcullis_tls_handshakes_total{listener="main",result="failure",version="none"} 1"#), "{}", p.metrics());
+    assert!(
+        p.metrics().contains(
+            r#"portcullis_tls_handshakes_total{listener="main",result="failure",version="none"} 1"#
+        ),
+        "{}",
+        p.metrics()
+    );
     let c = certs().display().to_string();
     let p12 = proxy(
-        &format!("[tls]\ncert = \"{c}/server.crt\"\nkey = \"{c}/server.key\"\nmin_version = \"1.2\"\n"),
+        &format!(
+            "[tls]\ncert = \"{c}/server.crt\"\nkey = \"{c}/server.key\"\nmin_version = \"1.2\"\n"
+        ),
         "",
     )
     .await;
-    connect_tls(p12.port(), "app", APP_PASSWORD, "", tls12).await.expect("TLS 1.2 allowed when configured");
+    connect_tls(p12.port(), "app", APP_PASSWORD, "", tls12)
+        .await
+        .expect("TLS 1.2 allowed when configured");
     assert!(p12.metrics().contains(r#"version="TLSv1.2""#));
 }
 
@@ -69,24 +121,38 @@ async fn direct_tls_requires_alpn_postgresql() {
     let mut cfg = client_tls(false);
     cfg.alpn_protocols = vec![b"postgresql".to_vec()];
     let mut s = tls_connect(TcpStream::connect(p.addr()).await.unwrap(), cfg).await;
-    s.write_all(&raw::startup(196_608, &[("user", "postgres")])).await.unwrap();
+    s.write_all(&raw::startup(196_608, &[("user", "postgres")]))
+        .await
+        .unwrap();
     let (tag, body) = raw::read_msg(&mut s).await.unwrap();
     assert_eq!(tag, b'E');
     assert_eq!(raw::code_and_message(&body).0, "42501");
     // Without ALPN: refused, as PostgreSQL 17 does.
-    let mut s = tls_connect(TcpStream::connect(p.addr()).await.unwrap(), client_tls(false)).await;
+    let mut s = tls_connect(
+        TcpStream::connect(p.addr()).await.unwrap(),
+        client_tls(false),
+    )
+    .await;
     let (tag, body) = raw::read_msg(&mut s).await.unwrap();
     assert_eq!(tag, b'E');
     assert_eq!(
         raw::code_and_message(&body),
-        ("08P01".into(), "received direct SSL connection request without ALPN protocol negotiation extension".into())
+        (
+            "08P01".into(),
+            "received direct SSL connection request without ALPN protocol negotiation extension"
+                .into()
+        )
     );
 }
 
 #[tokio::test]
 async fn protocol_3_2_request_gets_the_same_negotiation_as_postgres_15() {
     let p = proxy("", "").await;
-    let params = [("user", "app_runtime"), ("database", "app"), ("_pq_.test_option", "1")];
+    let params = [
+        ("user", "app_runtime"),
+        ("database", "app"),
+        ("_pq_.test_option", "1"),
+    ];
     // Directly (plaintext is allowed by the test server): the oracle.
     let mut d = TcpStream::connect(("127.0.0.1", pg().port)).await.unwrap();
     d.write_all(&raw::startup(196_610, &params)).await.unwrap();
@@ -94,7 +160,10 @@ async fn protocol_3_2_request_gets_the_same_negotiation_as_postgres_15() {
     assert_eq!(direct.0, b'v');
     // Through the proxy (TLS).
     let through = tls_startup(p.port(), &params).await;
-    assert_eq!(through, direct, "NegotiateProtocolVersion identical byte for byte");
+    assert_eq!(
+        through, direct,
+        "NegotiateProtocolVersion identical byte for byte"
+    );
 }
 
 #[tokio::test]
@@ -102,8 +171,13 @@ async fn connection_limit_answers_53300() {
     let p = proxy("[limits]\nmax_connections_per_source = 2\n", "").await;
     let a = connect(p.port(), "app", APP_PASSWORD, "").await.unwrap();
     let _b = connect(p.port(), "app", APP_PASSWORD, "").await.unwrap();
-    let e = connect(p.port(), "app", APP_PASSWORD, "").await.err().expect("third refused");
-    assert_eq!(db_error(&e), ("53300".into(), "sorry, too many clients already".into()));
+    let e = connect(p.port(), "app", APP_PASSWORD, "")
+        .await
+        .expect_err("third refused");
+    assert_eq!(
+        db_error(&e),
+        ("53300".into(), "sorry, too many clients already".into())
+    );
     drop(a);
     // the slot frees when a session ends
     let mut ok = false;
@@ -121,9 +195,14 @@ async fn connection_limit_answers_53300() {
 async fn upstream_down_names_the_listener_and_readyz_turns_503() {
     let dead = portcullis::demo::free_port().unwrap();
     let p = proxy_with_upstream("", "", &format!("127.0.0.1:{dead}")).await;
-    let e = connect(p.port(), "app", APP_PASSWORD, "").await.err().expect("upstream down");
+    let e = connect(p.port(), "app", APP_PASSWORD, "")
+        .await
+        .expect_err("upstream down");
     let (code, msg) = db_error(&e);
-    assert_eq!((code.as_str(), msg.as_str()), ("08006", "upstream of listener \"main\" is unavailable"));
+    assert_eq!(
+        (code.as_str(), msg.as_str()),
+        ("08006", "upstream of listener \"main\" is unavailable")
+    );
     assert!(!msg.contains(&dead.to_string()));
     let status = http_status(p.running.admin_addr, "/readyz").await;
     assert_eq!(status, 503);
@@ -136,13 +215,33 @@ async fn upstream_down_names_the_listener_and_readyz_turns_503() {
 #[tokio::test]
 async fn verified_upstream_tls() {
     let c = certs().display().to_string();
-    let p = proxy("", &format!("upstream_tls = {{ ca = \"{c}/ca.crt\", server_name = \"localhost\" }}")).await;
-    let client = connect(p.port(), "app", APP_PASSWORD, "").await.expect("login over upstream TLS");
-    let ssl: bool = client.query_one("select ssl from pg_stat_ssl where pid = pg_backend_pid()", &[]).await.unwrap().get(0);
+    let p = proxy(
+        "",
+        &format!("upstream_tls = {{ ca = \"{c}/ca.crt\", server_name = \"localhost\" }}"),
+    )
+    .await;
+    let client = connect(p.port(), "app", APP_PASSWORD, "")
+        .await
+        .expect("login over upstream TLS");
+    let ssl: bool = client
+        .query_one(
+            "select ssl from pg_stat_ssl where pid = pg_backend_pid()",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
     assert!(ssl, "the upstream session is encrypted");
     // a name the upstream certificate does not carry fails verification
-    let bad = proxy("", &format!("upstream_tls = {{ ca = \"{c}/ca.crt\", server_name = \"db.example\" }}")).await;
-    let e = connect(bad.port(), "app", APP_PASSWORD, "").await.err().unwrap();
+    let bad = proxy(
+        "",
+        &format!("upstream_tls = {{ ca = \"{c}/ca.crt\", server_name = \"db.example\" }}"),
+    )
+    .await;
+    let e = connect(bad.port(), "app", APP_PASSWORD, "")
+        .await
+        .err()
+        .unwrap();
     assert_eq!(db_error(&e).0, "08006");
 }
 
@@ -155,27 +254,66 @@ async fn certificate_reload_keeps_open_sessions_and_serves_the_new_cert() {
         std::fs::copy(old.join(f), dir.path().join(f)).unwrap();
     }
     let d = dir.path().display().to_string();
-    let p = proxy(&format!("[tls]\ncert = \"{d}/server.crt\"\nkey = \"{d}/server.key\"\n"), "").await;
+    let p = proxy(
+        &format!("[tls]\ncert = \"{d}/server.crt\"\nkey = \"{d}/server.key\"\n"),
+        "",
+    )
+    .await;
     let open = connect(p.port(), "app", APP_PASSWORD, "").await.unwrap();
     let new_pki = tempfile::tempdir().unwrap();
     portcullis::certs::write_dev_pki(new_pki.path(), "app").unwrap();
-    std::fs::copy(new_pki.path().join("server.key"), dir.path().join("server.key")).unwrap();
-    std::fs::copy(new_pki.path().join("server.crt"), dir.path().join("server.crt")).unwrap();
+    std::fs::copy(
+        new_pki.path().join("server.key"),
+        dir.path().join("server.key"),
+    )
+    .unwrap();
+    std::fs::copy(
+        new_pki.path().join("server.crt"),
+        dir.path().join("server.crt"),
+    )
+    .unwrap();
     p.running.reload().expect("reload");
     // the open session still works
-    assert_eq!(open.query_one("select 7", &[]).await.unwrap().get::<_, i32>(0), 7);
+    assert_eq!(
+        open.query_one("select 7", &[])
+            .await
+            .unwrap()
+            .get::<_, i32>(0),
+        7
+    );
     // new handshakes get the new certificate: the old CA no longer verifies it, the new one does
     assert!(connect(p.port(), "app", APP_PASSWORD, "").await.is_err());
     let tls = client_tls_versions(false, &[&rustls::version::TLS13], new_pki.path());
-    let c = connect_tls(p.port(), "app", APP_PASSWORD, "channel_binding=require", tls).await.expect("new cert served");
-    assert_eq!(c.query_one("select 8", &[]).await.unwrap().get::<_, i32>(0), 8);
-    assert!(p.metrics().contains(r#"portcullis_config_reloads_total{result="success"}"#));
+    let c = connect_tls(
+        p.port(),
+        "app",
+        APP_PASSWORD,
+        "channel_binding=require",
+        tls,
+    )
+    .await
+    .expect("new cert served");
+    assert_eq!(
+        c.query_one("select 8", &[]).await.unwrap().get::<_, i32>(0),
+        8
+    );
+    assert!(
+        p.metrics()
+            .contains(r#"portcullis_config_reloads_total{result="success"}"#)
+    );
     // a broken certificate is refused and the current one keeps serving
     std::fs::write(dir.path().join("server.crt"), "not a certificate").unwrap();
     assert!(p.running.reload().is_ok(), "config itself is fine");
     let tls = client_tls_versions(false, &[&rustls::version::TLS13], new_pki.path());
-    connect_tls(p.port(), "app", APP_PASSWORD, "", tls).await.expect("still serving the last good cert");
-    assert!(p.metrics().contains(r#"portcullis_config_reloads_total{result="error"} 1"#), "{}", p.metrics());
+    connect_tls(p.port(), "app", APP_PASSWORD, "", tls)
+        .await
+        .expect("still serving the last good cert");
+    assert!(
+        p.metrics()
+            .contains(r#"portcullis_config_reloads_total{result="error"} 1"#),
+        "{}",
+        p.metrics()
+    );
 }
 
 #[tokio::test]
@@ -183,7 +321,9 @@ async fn login_deadline_closes_silent_clients() {
     let p = proxy("[limits]\nhandshake_timeout = \"500ms\"\n", "").await;
     let mut s = TcpStream::connect(p.addr()).await.unwrap();
     let mut buf = [0u8; 16];
-    let r = tokio::time::timeout(Duration::from_secs(3), s.read(&mut buf)).await.expect("closed by the deadline");
+    let r = tokio::time::timeout(Duration::from_secs(3), s.read(&mut buf))
+        .await
+        .expect("closed by the deadline");
     assert_eq!(r.unwrap(), 0);
     assert!(p.metrics().contains(r#"outcome="timeout""#));
 }
@@ -195,22 +335,32 @@ async fn drain_stops_accepting_and_lets_sessions_finish() {
     let shared = p.running.shared().clone();
     let admin = p.running.admin_addr;
     let port = p.port();
-    let Proxy { running, dir: _dir, .. } = p;
+    let Proxy {
+        running, dir: _dir, ..
+    } = p;
     let drain = tokio::spawn(running.drain());
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert_eq!(http_status(admin, "/readyz").await, 503);
     assert!(shared.draining.load(std::sync::atomic::Ordering::Relaxed));
     // the open session keeps working while draining
-    assert_eq!(c.query_one("select 9", &[]).await.unwrap().get::<_, i32>(0), 9);
+    assert_eq!(
+        c.query_one("select 9", &[]).await.unwrap().get::<_, i32>(0),
+        9
+    );
     // no new sessions
     assert!(connect(port, "app", APP_PASSWORD, "").await.is_err());
     drop(c);
-    tokio::time::timeout(Duration::from_secs(5), drain).await.expect("drain ends once sessions close").unwrap();
+    tokio::time::timeout(Duration::from_secs(5), drain)
+        .await
+        .expect("drain ends once sessions close")
+        .unwrap();
 }
 
 async fn http_status(addr: std::net::SocketAddr, path: &str) -> u16 {
     let mut s = TcpStream::connect(addr).await.unwrap();
-    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes()).await.unwrap();
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
     let mut out = String::new();
     s.read_to_string(&mut out).await.unwrap();
     out.split_whitespace().nth(1).unwrap().parse().unwrap()

@@ -27,7 +27,12 @@ pub struct Lockout {
 impl Lockout {
     /// A lockout table with the configured thresholds.
     pub fn new(cfg: &LockoutConfig) -> Lockout {
-        Lockout { max_failures: cfg.max_failures, window: cfg.window, ban: cfg.ban, entries: DashMap::new() }
+        Lockout {
+            max_failures: cfg.max_failures,
+            window: cfg.window,
+            ban: cfg.ban,
+            entries: DashMap::new(),
+        }
     }
 
     /// True while `ip` is banned.
@@ -36,7 +41,10 @@ impl Lockout {
     }
 
     fn is_locked_at(&self, ip: IpAddr, now: Instant) -> bool {
-        self.entries.get(&ip).and_then(|e| e.banned_until).is_some_and(|t| now < t)
+        self.entries
+            .get(&ip)
+            .and_then(|e| e.banned_until)
+            .is_some_and(|t| now < t)
     }
 
     /// Records a failed login; returns true when this failure starts a ban.
@@ -49,11 +57,16 @@ impl Lockout {
             return false;
         }
         let mut e = self.entries.entry(ip).or_default();
-        while e.failures.front().is_some_and(|t| now.duration_since(*t) > self.window) {
+        while e
+            .failures
+            .front()
+            .is_some_and(|t| now.duration_since(*t) > self.window)
+        {
             e.failures.pop_front();
         }
         e.failures.push_back(now);
-        if e.failures.len() >= self.max_failures as usize && !e.banned_until.is_some_and(|t| now < t) {
+        if e.failures.len() >= self.max_failures as usize && e.banned_until.is_none_or(|t| now >= t)
+        {
             e.banned_until = Some(now + self.ban);
             e.failures.clear();
             return true;
@@ -66,7 +79,9 @@ impl Lockout {
         let now = Instant::now();
         self.entries.retain(|_, e| {
             e.banned_until.is_some_and(|t| now < t)
-                || e.failures.back().is_some_and(|t| now.duration_since(*t) <= self.window)
+                || e.failures
+                    .back()
+                    .is_some_and(|t| now.duration_since(*t) <= self.window)
         });
     }
 }
@@ -76,7 +91,11 @@ mod tests {
     use super::*;
 
     fn table(max: u32) -> Lockout {
-        Lockout::new(&LockoutConfig { max_failures: max, window: Duration::from_secs(60), ban: Duration::from_secs(300) })
+        Lockout::new(&LockoutConfig {
+            max_failures: max,
+            window: Duration::from_secs(60),
+            ban: Duration::from_secs(300),
+        })
     }
 
     #[test]

@@ -83,12 +83,19 @@ impl ScramVerifier {
         let salt = B64.decode(salt).ok()?;
         let stored_key = B64.decode(stored).ok()?.try_into().ok()?;
         let server_key = B64.decode(server).ok()?.try_into().ok()?;
-        Some(ScramVerifier { iterations, salt, stored_key, server_key })
+        Some(ScramVerifier {
+            iterations,
+            salt,
+            stored_key,
+            server_key,
+        })
     }
 
     /// Derives a verifier from a password (used for tests and the mock exchange).
     pub fn from_password(password: &str, salt: &[u8], iterations: u32) -> ScramVerifier {
-        let prepared = stringprep::saslprep(password).map(|c| c.into_owned()).unwrap_or_else(|_| password.to_string());
+        let prepared = stringprep::saslprep(password)
+            .map(|c| c.into_owned())
+            .unwrap_or_else(|_| password.to_string());
         let salted = salted_password(prepared.as_bytes(), salt, iterations);
         let client_key = hmac(&salted, b"Client Key");
         ScramVerifier {
@@ -105,7 +112,12 @@ impl ScramVerifier {
         let salt = hmac(process_secret, user.as_bytes());
         let mut key = [0u8; 32];
         rand::fill(&mut key);
-        ScramVerifier { iterations: 4096, salt: salt[..16].to_vec(), stored_key: key, server_key: key }
+        ScramVerifier {
+            iterations: 4096,
+            salt: salt[..16].to_vec(),
+            stored_key: key,
+            server_key: key,
+        }
     }
 }
 
@@ -167,22 +179,34 @@ impl ScramServer {
         }
         match (mechanism, flag) {
             (SCRAM_SHA_256_PLUS, Gs2Flag::Bind) if plus_offered => {}
-            (SCRAM_SHA_256_PLUS, _) | (_, Gs2Flag::Bind) => return Err(ScramError::ChannelBindingNegotiation),
+            (SCRAM_SHA_256_PLUS, _) | (_, Gs2Flag::Bind) => {
+                return Err(ScramError::ChannelBindingNegotiation);
+            }
             // 'y' while we offered PLUS means something stripped it: a downgrade.
-            (SCRAM_SHA_256, Gs2Flag::Yes) if plus_offered => return Err(ScramError::ChannelBindingNegotiation),
+            (SCRAM_SHA_256, Gs2Flag::Yes) if plus_offered => {
+                return Err(ScramError::ChannelBindingNegotiation);
+            }
             (SCRAM_SHA_256, _) => {}
             _ => return Err(ScramError::Malformed),
         }
         let mut bp = bare.split(',');
         let _user = attr(&mut bp, 'n')?; // PostgreSQL uses the startup user, not this one.
         let client_nonce = attr(&mut bp, 'r')?;
-        if client_nonce.is_empty() || !client_nonce.bytes().all(|b| (0x21..=0x7e).contains(&b) && b != b',') {
+        if client_nonce.is_empty()
+            || !client_nonce
+                .bytes()
+                .all(|b| (0x21..=0x7e).contains(&b) && b != b',')
+        {
             return Err(ScramError::Malformed);
         }
         let mut raw = [0u8; 18];
         rand::fill(&mut raw);
         let nonce = format!("{client_nonce}{}", B64.encode(raw));
-        let server_first = format!("r={nonce},s={},i={}", B64.encode(&verifier.salt), verifier.iterations);
+        let server_first = format!(
+            "r={nonce},s={},i={}",
+            B64.encode(&verifier.salt),
+            verifier.iterations
+        );
         let gs2_header = format!("{cb},{authzid},");
         Ok((
             ScramServer {
@@ -221,7 +245,10 @@ impl ScramServer {
             .map_err(|_| ScramError::Malformed)?
             .try_into()
             .map_err(|_| ScramError::Malformed)?;
-        let auth_message = format!("{},{},{}", self.client_first_bare, self.server_first, without_proof);
+        let auth_message = format!(
+            "{},{},{}",
+            self.client_first_bare, self.server_first, without_proof
+        );
         let client_signature = hmac(&self.verifier.stored_key, auth_message.as_bytes());
         let mut client_key = [0u8; 32];
         for i in 0..32 {
@@ -256,7 +283,13 @@ impl ScramClient {
         let client_nonce = B64.encode(raw);
         let bare = format!("n=,r={client_nonce}");
         let first = format!("n,,{bare}");
-        (ScramClient { client_nonce, client_first_bare: bare }, first)
+        (
+            ScramClient {
+                client_nonce,
+                client_first_bare: bare,
+            },
+            first,
+        )
     }
 
     /// Handles server-first; `salted` computes (or fetches from a cache) SaltedPassword for
@@ -269,9 +302,16 @@ impl ScramClient {
         let msg = std::str::from_utf8(server_first).map_err(|_| ScramError::Malformed)?;
         let mut parts = msg.split(',');
         let nonce = attr(&mut parts, 'r')?;
-        let salt = B64.decode(attr(&mut parts, 's')?).map_err(|_| ScramError::Malformed)?;
-        let iterations: u32 = attr(&mut parts, 'i')?.parse().map_err(|_| ScramError::Malformed)?;
-        if !nonce.starts_with(&self.client_nonce) || nonce.len() == self.client_nonce.len() || iterations == 0 {
+        let salt = B64
+            .decode(attr(&mut parts, 's')?)
+            .map_err(|_| ScramError::Malformed)?;
+        let iterations: u32 = attr(&mut parts, 'i')?
+            .parse()
+            .map_err(|_| ScramError::Malformed)?;
+        if !nonce.starts_with(&self.client_nonce)
+            || nonce.len() == self.client_nonce.len()
+            || iterations == 0
+        {
             return Err(ScramError::Nonce);
         }
         let salted = salted(&salt, iterations);
@@ -286,7 +326,10 @@ impl ScramClient {
         }
         let server_key = hmac(&salted, b"Server Key");
         let server_signature = hmac(&server_key, auth_message.as_bytes());
-        Ok((ScramClientFinal { server_signature }, format!("{without_proof},p={}", B64.encode(proof))))
+        Ok((
+            ScramClientFinal { server_signature },
+            format!("{without_proof},p={}", B64.encode(proof)),
+        ))
     }
 }
 
@@ -295,14 +338,22 @@ impl ScramClientFinal {
     pub fn verify(self, server_final: &[u8]) -> Result<(), ScramError> {
         let msg = std::str::from_utf8(server_final).map_err(|_| ScramError::Malformed)?;
         let v = msg.strip_prefix("v=").ok_or(ScramError::Auth)?;
-        let sig = B64.decode(v.split(',').next().unwrap_or_default()).map_err(|_| ScramError::Malformed)?;
-        if bool::from(sig.as_slice().ct_eq(&self.server_signature)) { Ok(()) } else { Err(ScramError::Auth) }
+        let sig = B64
+            .decode(v.split(',').next().unwrap_or_default())
+            .map_err(|_| ScramError::Malformed)?;
+        if bool::from(sig.as_slice().ct_eq(&self.server_signature)) {
+            Ok(())
+        } else {
+            Err(ScramError::Auth)
+        }
     }
 }
 
 /// SASLprep of a password, as libpq does before SCRAM (falls back to the raw bytes).
 pub fn prepare_password(password: &str) -> String {
-    stringprep::saslprep(password).map(|c| c.into_owned()).unwrap_or_else(|_| password.to_string())
+    stringprep::saslprep(password)
+        .map(|c| c.into_owned())
+        .unwrap_or_else(|_| password.to_string())
 }
 
 #[cfg(test)]
@@ -311,7 +362,8 @@ mod tests {
 
     fn run(verifier: ScramVerifier, password: &str) -> Result<(), ScramError> {
         let (client, first) = ScramClient::start();
-        let (server, server_first) = ScramServer::start(verifier, SCRAM_SHA_256, false, first.as_bytes())?;
+        let (server, server_first) =
+            ScramServer::start(verifier, SCRAM_SHA_256, false, first.as_bytes())?;
         let (client, fin) = client.respond(server_first.as_bytes(), |salt, i| {
             salted_password(prepare_password(password).as_bytes(), salt, i)
         })?;
@@ -354,19 +406,40 @@ mod tests {
         // 'y' is fine when PLUS was not offered.
         assert!(ScramServer::start(v.clone(), SCRAM_SHA_256, false, b"y,,n=,r=abc").is_ok());
         // Bound exchange: wrong cb data fails, right one passes the binding check.
-        let (s, _) = ScramServer::start(v.clone(), SCRAM_SHA_256_PLUS, true, b"p=tls-server-end-point,,n=,r=abc").unwrap();
+        let (s, _) = ScramServer::start(
+            v.clone(),
+            SCRAM_SHA_256_PLUS,
+            true,
+            b"p=tls-server-end-point,,n=,r=abc",
+        )
+        .unwrap();
         let c = B64.encode(b"p=tls-server-end-point,,OTHER");
         let fin = format!("c={c},r={},p={}", s.nonce, B64.encode([0u8; 32]));
-        assert_eq!(s.finish(fin.as_bytes(), Some(b"HASH")).unwrap_err(), ScramError::ChannelBinding);
+        assert_eq!(
+            s.finish(fin.as_bytes(), Some(b"HASH")).unwrap_err(),
+            ScramError::ChannelBinding
+        );
     }
 
     #[test]
     fn malformed_inputs_do_not_panic() {
         let v = ScramVerifier::from_password("pw", b"salt", 4096);
-        for bad in [&b""[..], b"n", b"n,,", b"n,,r=x", b"x,,n=,r=a", b"n,a=b,n=,r=x", b"n,,n=,r=", b"\xff\xfe"] {
+        for bad in [
+            &b""[..],
+            b"n",
+            b"n,,",
+            b"n,,r=x",
+            b"x,,n=,r=a",
+            b"n,a=b,n=,r=x",
+            b"n,,n=,r=",
+            b"\xff\xfe",
+        ] {
             assert!(ScramServer::start(v.clone(), SCRAM_SHA_256, false, bad).is_err());
         }
         let (s, _) = ScramServer::start(v, SCRAM_SHA_256, false, b"n,,n=,r=abc").unwrap();
-        assert_eq!(s.finish(b"garbage", None).unwrap_err(), ScramError::Malformed);
+        assert_eq!(
+            s.finish(b"garbage", None).unwrap_err(),
+            ScramError::Malformed
+        );
     }
 }

@@ -72,7 +72,10 @@ impl Users {
             let err = |span, msg: String| ConfigError::at(path, &src, Some(span), msg);
             let name = u.name.get_ref().clone();
             if name.is_empty() || users.by_name.contains_key(&name) {
-                return Err(err(u.name.span(), format!("empty or duplicate user name {name:?}")));
+                return Err(err(
+                    u.name.span(),
+                    format!("empty or duplicate user name {name:?}"),
+                ));
             }
             let postgres_scram = match &u.postgres_scram {
                 Some(s) => Some(
@@ -81,14 +84,25 @@ impl Users {
                 ),
                 None => None,
             };
-            let upstream_password = SecretRef::from_parts(u.upstream_password_file, u.upstream_password_env)
-                .map_err(|m| err(u.name.span(), m))?;
+            let upstream_password =
+                SecretRef::from_parts(u.upstream_password_file, u.upstream_password_env)
+                    .map_err(|m| err(u.name.span(), m))?;
             let mut subjects = Vec::new();
             for s in &u.cert_subjects {
-                let subject = normalize_subject(s.get_ref())
-                    .ok_or_else(|| err(s.span(), format!("cert subject {:?}: expected CN=, DNS:, EMAIL: or URI:", s.get_ref())))?;
+                let subject = normalize_subject(s.get_ref()).ok_or_else(|| {
+                    err(
+                        s.span(),
+                        format!(
+                            "cert subject {:?}: expected CN=, DNS:, EMAIL: or URI:",
+                            s.get_ref()
+                        ),
+                    )
+                })?;
                 if let Some(other) = users.by_subject.insert(subject.clone(), name.clone()) {
-                    return Err(err(s.span(), format!("cert subject {subject:?} already maps to user {other:?}")));
+                    return Err(err(
+                        s.span(),
+                        format!("cert subject {subject:?} already maps to user {other:?}"),
+                    ));
                 }
                 subjects.push(subject);
             }
@@ -114,7 +128,10 @@ impl Users {
     }
 
     /// The user that one of these certificate subjects maps to (first match in the given order).
-    pub fn by_cert_subjects<'a>(&self, subjects: impl IntoIterator<Item = &'a str>) -> Option<&User> {
+    pub fn by_cert_subjects<'a>(
+        &self,
+        subjects: impl IntoIterator<Item = &'a str>,
+    ) -> Option<&User> {
         subjects
             .into_iter()
             .find_map(|s| self.by_subject.get(s))
@@ -157,7 +174,10 @@ mod tests {
     #[test]
     fn subjects_normalize() {
         assert_eq!(normalize_subject("CN=app").as_deref(), Some("CN=app"));
-        assert_eq!(normalize_subject("dns:app.internal").as_deref(), Some("DNS:app.internal"));
+        assert_eq!(
+            normalize_subject("dns:app.internal").as_deref(),
+            Some("DNS:app.internal")
+        );
         assert_eq!(normalize_subject("IP:1.2.3.4"), None);
         assert_eq!(normalize_subject("CN="), None);
     }

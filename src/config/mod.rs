@@ -1,9 +1,9 @@
 //! Configuration: the serde model of `portcullis.toml`, loaded and validated once at startup
 //! (and again on reload), then passed around as `Arc<Config>`. Errors carry `file:line:col`.
 
+pub mod lint;
 mod model;
 mod secret;
-pub mod lint;
 
 pub use model::*;
 pub use secret::{Secret, SecretRef};
@@ -33,22 +33,37 @@ fn location(file: &Path, line: &Option<usize>, col: &Option<usize>) -> String {
 }
 
 impl ConfigError {
-    pub(crate) fn at(file: &Path, src: &str, span: Option<Range<usize>>, msg: impl Into<String>) -> Self {
+    pub(crate) fn at(
+        file: &Path,
+        src: &str,
+        span: Option<Range<usize>>,
+        msg: impl Into<String>,
+    ) -> Self {
         let (line, col) = match span {
             Some(s) => {
                 let before = &src[..s.start.min(src.len())];
                 let line = before.matches('\n').count() + 1;
-                let col = before.rfind('\n').map_or(before.len(), |i| before.len() - i - 1) + 1;
+                let col = before
+                    .rfind('\n')
+                    .map_or(before.len(), |i| before.len() - i - 1)
+                    + 1;
                 (Some(line), Some(col))
             }
             None => (None, None),
         };
-        ConfigError { file: file.to_path_buf(), line, col, msg: msg.into() }
+        ConfigError {
+            file: file.to_path_buf(),
+            line,
+            col,
+            msg: msg.into(),
+        }
     }
 }
 
 /// Reads a TOML file into `T` (`deny_unknown_fields` everywhere), with located errors.
-pub(crate) fn parse_toml<T: serde::de::DeserializeOwned>(path: &Path) -> Result<(T, String), ConfigError> {
+pub(crate) fn parse_toml<T: serde::de::DeserializeOwned>(
+    path: &Path,
+) -> Result<(T, String), ConfigError> {
     let src = std::fs::read_to_string(path)
         .map_err(|e| ConfigError::at(path, "", None, format!("cannot read: {e}")))?;
     let value = toml::from_str::<T>(&src)

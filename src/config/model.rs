@@ -12,13 +12,24 @@ use toml::Spanned;
 use super::{ConfigError, SecretRef};
 
 fn dur(s: &Spanned<String>, file: &Path, src: &str) -> Result<Duration, ConfigError> {
-    humantime::parse_duration(s.get_ref())
-        .map_err(|e| ConfigError::at(file, src, Some(s.span()), format!("bad duration {:?}: {e}", s.get_ref())))
+    humantime::parse_duration(s.get_ref()).map_err(|e| {
+        ConfigError::at(
+            file,
+            src,
+            Some(s.span()),
+            format!("bad duration {:?}: {e}", s.get_ref()),
+        )
+    })
 }
 
 fn addr(s: &Spanned<String>, file: &Path, src: &str) -> Result<SocketAddr, ConfigError> {
     s.get_ref().parse().map_err(|_| {
-        ConfigError::at(file, src, Some(s.span()), format!("{:?} is not an ip:port address", s.get_ref()))
+        ConfigError::at(
+            file,
+            src,
+            Some(s.span()),
+            format!("{:?} is not an ip:port address", s.get_ref()),
+        )
     })
 }
 
@@ -45,7 +56,9 @@ struct RawAdmin {
 }
 impl Default for RawAdmin {
     fn default() -> Self {
-        RawAdmin { listen: Spanned::new(0..0, "127.0.0.1:9898".into()) }
+        RawAdmin {
+            listen: Spanned::new(0..0, "127.0.0.1:9898".into()),
+        }
     }
 }
 
@@ -78,14 +91,30 @@ struct RawLimits {
     #[serde(default = "d_cancel_rate")]
     cancel_per_source_per_second: u32,
 }
-fn d_max_conn() -> usize { 10_000 }
-fn d_max_per_source() -> usize { 1_000 }
-fn d_cancel_rate() -> u32 { 20 }
-fn d_10s() -> Spanned<String> { Spanned::new(0..0, "10s".into()) }
-fn d_30s() -> Spanned<String> { Spanned::new(0..0, "30s".into()) }
-fn d_1m() -> Spanned<String> { Spanned::new(0..0, "1m".into()) }
-fn d_5m() -> Spanned<String> { Spanned::new(0..0, "5m".into()) }
-fn d_true() -> bool { true }
+fn d_max_conn() -> usize {
+    10_000
+}
+fn d_max_per_source() -> usize {
+    1_000
+}
+fn d_cancel_rate() -> u32 {
+    20
+}
+fn d_10s() -> Spanned<String> {
+    Spanned::new(0..0, "10s".into())
+}
+fn d_30s() -> Spanned<String> {
+    Spanned::new(0..0, "30s".into())
+}
+fn d_1m() -> Spanned<String> {
+    Spanned::new(0..0, "1m".into())
+}
+fn d_5m() -> Spanned<String> {
+    Spanned::new(0..0, "5m".into())
+}
+fn d_true() -> bool {
+    true
+}
 impl Default for RawLimits {
     fn default() -> Self {
         RawLimits {
@@ -109,10 +138,16 @@ struct RawLockout {
     #[serde(default = "d_5m")]
     ban: Spanned<String>,
 }
-fn d_max_failures() -> u32 { 10 }
+fn d_max_failures() -> u32 {
+    10
+}
 impl Default for RawLockout {
     fn default() -> Self {
-        RawLockout { max_failures: d_max_failures(), window: d_1m(), ban: d_5m() }
+        RawLockout {
+            max_failures: d_max_failures(),
+            window: d_1m(),
+            ban: d_5m(),
+        }
     }
 }
 
@@ -297,31 +332,53 @@ pub struct PostgresListener {
 
 impl RawConfig {
     pub(crate) fn validate(self, file: &Path, src: &str) -> Result<Config, ConfigError> {
-        let err = |span: std::ops::Range<usize>, msg: String| ConfigError::at(file, src, Some(span), msg);
+        let err =
+            |span: std::ops::Range<usize>, msg: String| ConfigError::at(file, src, Some(span), msg);
         if let Some(r) = self.redis.first() {
             return Err(err(
                 r.span(),
                 "[[redis]] listeners are not supported by this build yet".into(),
             ));
         }
-        let min_version = match self.tls.min_version.as_ref().map(|s| (s.get_ref().as_str(), s.span())) {
+        let min_version = match self
+            .tls
+            .min_version
+            .as_ref()
+            .map(|s| (s.get_ref().as_str(), s.span()))
+        {
             None | Some(("1.3", _)) => TlsMinVersion::Tls13,
             Some(("1.2", _)) => TlsMinVersion::Tls12,
             Some((v, span)) => {
-                return Err(err(span, format!("min_version {v:?} is not allowed: use \"1.3\" (default) or \"1.2\"")));
+                return Err(err(
+                    span,
+                    format!("min_version {v:?} is not allowed: use \"1.3\" (default) or \"1.2\""),
+                ));
             }
         };
-        let client_auth = match self.tls.client_auth.as_ref().map(|s| (s.get_ref().as_str(), s.span())) {
+        let client_auth = match self
+            .tls
+            .client_auth
+            .as_ref()
+            .map(|s| (s.get_ref().as_str(), s.span()))
+        {
             None if self.tls.client_ca.is_some() => ClientAuth::Optional,
             None | Some(("none", _)) => ClientAuth::None,
             Some(("optional", _)) => ClientAuth::Optional,
             Some(("required", _)) => ClientAuth::Required,
             Some((v, span)) => {
-                return Err(err(span, format!("client_auth {v:?}: expected none, optional or required")));
+                return Err(err(
+                    span,
+                    format!("client_auth {v:?}: expected none, optional or required"),
+                ));
             }
         };
         if client_auth != ClientAuth::None && self.tls.client_ca.is_none() {
-            let span = self.tls.client_auth.as_ref().map(|s| s.span()).unwrap_or(0..0);
+            let span = self
+                .tls
+                .client_auth
+                .as_ref()
+                .map(|s| s.span())
+                .unwrap_or(0..0);
             return Err(err(span, "client_auth needs client_ca".into()));
         }
         let tls = TlsConfig {
@@ -349,25 +406,49 @@ impl RawConfig {
         let mut postgres = Vec::new();
         for p in self.postgres {
             if !names.insert(p.name.get_ref().clone()) {
-                return Err(err(p.name.span(), format!("duplicate listener name {:?}", p.name.get_ref())));
+                return Err(err(
+                    p.name.span(),
+                    format!("duplicate listener name {:?}", p.name.get_ref()),
+                ));
             }
             let listen = addr(&p.listen, file, src)?;
             if !listens.insert(listen) {
-                return Err(err(p.listen.span(), format!("address {listen} is used by two listeners")));
+                return Err(err(
+                    p.listen.span(),
+                    format!("address {listen} is used by two listeners"),
+                ));
             }
-            if p.upstream.get_ref().rsplit_once(':').and_then(|(_, port)| port.parse::<u16>().ok()).is_none() {
-                return Err(err(p.upstream.span(), format!("upstream {:?} must be host:port", p.upstream.get_ref())));
+            if p.upstream
+                .get_ref()
+                .rsplit_once(':')
+                .and_then(|(_, port)| port.parse::<u16>().ok())
+                .is_none()
+            {
+                return Err(err(
+                    p.upstream.span(),
+                    format!("upstream {:?} must be host:port", p.upstream.get_ref()),
+                ));
             }
             let auth = match p.auth.as_ref().map(|s| (s.get_ref().as_str(), s.span())) {
                 None | Some(("scram", _)) => PgAuthMode::Scram,
                 Some(("cert", _)) => PgAuthMode::Cert,
                 Some(("passthrough", _)) => PgAuthMode::Passthrough,
-                Some((v, span)) => return Err(err(span, format!("auth {v:?}: expected scram, cert or passthrough"))),
+                Some((v, span)) => {
+                    return Err(err(
+                        span,
+                        format!("auth {v:?}: expected scram, cert or passthrough"),
+                    ));
+                }
             };
             let ltls = match p.tls.as_ref().map(|s| (s.get_ref().as_str(), s.span())) {
                 None | Some(("required", _)) => ListenerTls::Required,
                 Some(("disabled", _)) => ListenerTls::Disabled,
-                Some((v, span)) => return Err(err(span, format!("tls {v:?}: expected required or disabled"))),
+                Some((v, span)) => {
+                    return Err(err(
+                        span,
+                        format!("tls {v:?}: expected required or disabled"),
+                    ));
+                }
             };
             if let Some(v) = &p.upstream_password {
                 return Err(err(
@@ -375,13 +456,20 @@ impl RawConfig {
                     "inline secrets are not accepted: use upstream_password_file or upstream_password_env".into(),
                 ));
             }
-            let upstream_password = SecretRef::from_parts(p.upstream_password_file, p.upstream_password_env)
-                .map_err(|m| err(p.name.span(), m))?;
+            let upstream_password =
+                SecretRef::from_parts(p.upstream_password_file, p.upstream_password_env)
+                    .map_err(|m| err(p.name.span(), m))?;
             if auth != PgAuthMode::Passthrough && p.users_file.is_none() {
-                return Err(err(p.name.span(), "auth scram/cert needs users_file".into()));
+                return Err(err(
+                    p.name.span(),
+                    "auth scram/cert needs users_file".into(),
+                ));
             }
             if auth == PgAuthMode::Cert && tls.client_ca.is_none() {
-                return Err(err(p.name.span(), "auth = \"cert\" needs [tls] client_ca".into()));
+                return Err(err(
+                    p.name.span(),
+                    "auth = \"cert\" needs [tls] client_ca".into(),
+                ));
             }
             let mut allow = Vec::new();
             for a in &p.allow {
@@ -405,11 +493,19 @@ impl RawConfig {
                 deny_superuser: p.deny_superuser,
                 allow,
                 max_connections: p.max_connections,
-                upstream_tls: p.upstream_tls.map(|u| UpstreamTls { ca: u.ca, server_name: u.server_name }),
+                upstream_tls: p.upstream_tls.map(|u| UpstreamTls {
+                    ca: u.ca,
+                    server_name: u.server_name,
+                }),
             });
         }
         if postgres.is_empty() {
-            return Err(ConfigError::at(file, src, None, "no listener configured: add a [[postgres]] section"));
+            return Err(ConfigError::at(
+                file,
+                src,
+                None,
+                "no listener configured: add a [[postgres]] section",
+            ));
         }
         Ok(Config {
             path: file.to_path_buf(),

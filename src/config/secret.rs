@@ -24,7 +24,10 @@ impl fmt::Debug for SecretRef {
 
 impl SecretRef {
     /// Builds a reference from the `*_file` / `*_env` pair; both set is an error.
-    pub fn from_parts(file: Option<PathBuf>, env: Option<String>) -> Result<Option<SecretRef>, String> {
+    pub fn from_parts(
+        file: Option<PathBuf>,
+        env: Option<String>,
+    ) -> Result<Option<SecretRef>, String> {
         match (file, env) {
             (Some(_), Some(_)) => Err("set only one of *_file and *_env".into()),
             (Some(f), None) => Ok(Some(SecretRef::File(f))),

@@ -19,7 +19,9 @@ use super::upstream::{self as pgup, LoginError};
 use crate::app::Shared;
 use crate::audit::{Event, Record};
 use crate::auth::User;
-use crate::auth::scram::{SCRAM_SHA_256, SCRAM_SHA_256_PLUS, ScramError, ScramServer, ScramVerifier};
+use crate::auth::scram::{
+    SCRAM_SHA_256, SCRAM_SHA_256_PLUS, ScramError, ScramServer, ScramVerifier,
+};
 use crate::config::{ListenerTls, PgAuthMode, PostgresListener};
 use crate::metrics::{ConnOutcome, PgRejectReason, Protocol};
 use crate::net::listener::Accepted;
@@ -62,7 +64,12 @@ type Step<T> = Result<T, ConnOutcome>;
 
 /// Handles one accepted connection.
 pub async fn handle(acc: Accepted, l: Arc<PgListener>, shared: Arc<Shared>) {
-    let Accepted { tcp, peer, session, admission } = acc;
+    let Accepted {
+        tcp,
+        peer,
+        session,
+        admission,
+    } = acc;
     let cfg = l.config();
     let mut s = Session {
         l,
@@ -89,7 +96,9 @@ pub async fn handle(acc: Accepted, l: Arc<PgListener>, shared: Arc<Shared>) {
             return;
         }
         Err(_) => {
-            shared.metrics.connection(&s.cfg.name, PG, ConnOutcome::Timeout);
+            shared
+                .metrics
+                .connection(&s.cfg.name, PG, ConnOutcome::Timeout);
             s.audit(Event::ConnRejected, "refused", Some("login_timeout"));
             return;
         }
@@ -100,7 +109,9 @@ pub async fn handle(acc: Accepted, l: Arc<PgListener>, shared: Arc<Shared>) {
     let (bin, bout) = shared.metrics.bytes(&s.cfg.name);
     bin.inc_by(up);
     bout.inc_by(down);
-    shared.metrics.connection(&s.cfg.name, PG, ConnOutcome::Closed);
+    shared
+        .metrics
+        .connection(&s.cfg.name, PG, ConnOutcome::Closed);
     let mut r = s.record(Event::SessionEnd);
     r.outcome = Some("closed");
     r.duration_ms = Some(started.elapsed().as_millis() as u64);
@@ -147,11 +158,22 @@ impl Session {
     }
 
     async fn login(&mut self, tcp: TcpStream, admitted: bool) -> Step<Ready> {
-        let Negotiated { mut client, startup, served, subjects } = self.negotiate(tcp).await?;
+        let Negotiated {
+            mut client,
+            startup,
+            served,
+            subjects,
+        } = self.negotiate(tcp).await?;
         self.user = Some(startup.user.clone());
-        self.database = Some(startup.database.clone().unwrap_or_else(|| startup.user.clone()));
+        self.database = Some(
+            startup
+                .database
+                .clone()
+                .unwrap_or_else(|| startup.user.clone()),
+        );
         if !admitted {
-            self.refuse(&mut client.io, PgRefusal::TooManyConnections).await;
+            self.refuse(&mut client.io, PgRefusal::TooManyConnections)
+                .await;
             self.audit(Event::ConnRejected, "refused", Some("connection_limit"));
             return Err(ConnOutcome::LimitReached);
         }
@@ -161,18 +183,28 @@ impl Session {
             return Err(ConnOutcome::LockedOut);
         }
         if startup.needs_negotiation() {
-            let npv = codec::negotiate_protocol_version(196_608, startup.unsupported_options.clone());
-            codec::send(&mut client.io, &npv).await.map_err(|_| ConnOutcome::Closed)?;
+            let npv =
+                codec::negotiate_protocol_version(196_608, startup.unsupported_options.clone());
+            codec::send(&mut client.io, &npv)
+                .await
+                .map_err(|_| ConnOutcome::Closed)?;
         }
         if let Err(rej) = check_login(&startup, &self.cfg.deny_users) {
-            return Err(self.reject(&mut client.io, &startup.user, rej.reason, rej.text).await);
+            return Err(self
+                .reject(&mut client.io, &startup.user, rej.reason, rej.text)
+                .await);
         }
         let (user, greeting) = match self.cfg.auth {
-            PgAuthMode::Scram => self.auth_scram(&mut client, &startup, served.as_deref()).await?,
+            PgAuthMode::Scram => {
+                self.auth_scram(&mut client, &startup, served.as_deref())
+                    .await?
+            }
             PgAuthMode::Cert => self.auth_cert(&mut client, &startup, &subjects).await?,
             PgAuthMode::Passthrough => return self.passthrough(client, &startup).await,
         };
-        let upstream = self.upstream_login(&mut client, &startup, &user, greeting).await?;
+        let upstream = self
+            .upstream_login(&mut client, &startup, &user, greeting)
+            .await?;
         self.finish_startup(client, upstream).await
     }
 
@@ -183,13 +215,18 @@ impl Session {
     ) -> Step<tokio_rustls::server::TlsStream<TcpStream>> {
         match TlsAcceptor::from(served.postgres.clone()).accept(tcp).await {
             Ok(tls) => {
-                self.tls_version = crate::net::tls::version_label(tls.get_ref().1.protocol_version());
-                self.shared.metrics.tls_handshake(&self.cfg.name, self.tls_version, true);
+                self.tls_version =
+                    crate::net::tls::version_label(tls.get_ref().1.protocol_version());
+                self.shared
+                    .metrics
+                    .tls_handshake(&self.cfg.name, self.tls_version, true);
                 Ok(tls)
             }
             Err(e) => {
                 tracing::debug!(error = %e, "TLS handshake failed");
-                self.shared.metrics.tls_handshake(&self.cfg.name, "none", false);
+                self.shared
+                    .metrics
+                    .tls_handshake(&self.cfg.name, "none", false);
                 self.audit(Event::ConnRejected, "refused", Some("tls_handshake_failed"));
                 Err(ConnOutcome::TlsFailed)
             }
@@ -212,7 +249,11 @@ impl Session {
             if !alpn_ok {
                 let msg = "received direct SSL connection request without ALPN protocol negotiation extension";
                 self.refuse(&mut io, PgRefusal::Protocol(msg.into())).await;
-                self.audit(Event::ConnRejected, "refused", Some("direct_tls_without_alpn"));
+                self.audit(
+                    Event::ConnRejected,
+                    "refused",
+                    Some("direct_tls_without_alpn"),
+                );
                 return Err(ConnOutcome::ProtocolError);
             }
             served = Some(sv);
@@ -226,7 +267,11 @@ impl Session {
                 Ok(b) => b,
                 Err(CodecError::Eof) => return Err(ConnOutcome::Closed),
                 Err(CodecError::BadLength(_)) => {
-                    self.refuse(&mut r.io, PgRefusal::Protocol("invalid length of startup packet".into())).await;
+                    self.refuse(
+                        &mut r.io,
+                        PgRefusal::Protocol("invalid length of startup packet".into()),
+                    )
+                    .await;
                     return Err(ConnOutcome::ProtocolError);
                 }
                 Err(_) => return Err(ConnOutcome::Closed),
@@ -235,23 +280,33 @@ impl Session {
             match code {
                 codec::CODE_SSL | codec::CODE_GSSENC if served.is_some() => {
                     let (maj, min) = ((code as u32 >> 16) as u16, (code as u32 & 0xffff) as u16);
-                    self.refuse(&mut r.io, PgRefusal::UnsupportedProtocol(maj, min)).await;
+                    self.refuse(&mut r.io, PgRefusal::UnsupportedProtocol(maj, min))
+                        .await;
                     return Err(ConnOutcome::ProtocolError);
                 }
                 codec::CODE_GSSENC => {
-                    codec::send(&mut r.io, b"N").await.map_err(|_| ConnOutcome::Closed)?;
+                    codec::send(&mut r.io, b"N")
+                        .await
+                        .map_err(|_| ConnOutcome::Closed)?;
                 }
                 codec::CODE_SSL if self.cfg.tls == ListenerTls::Disabled => {
-                    codec::send(&mut r.io, b"N").await.map_err(|_| ConnOutcome::Closed)?;
+                    codec::send(&mut r.io, b"N")
+                        .await
+                        .map_err(|_| ConnOutcome::Closed)?;
                 }
                 codec::CODE_SSL => {
                     if !r.buf.is_empty() {
                         let msg = "received unencrypted data after SSL request";
-                        self.refuse(&mut r.io, PgRefusal::Protocol(msg.into())).await;
+                        self.refuse(&mut r.io, PgRefusal::Protocol(msg.into()))
+                            .await;
                         return Err(ConnOutcome::ProtocolError);
                     }
-                    codec::send(&mut r.io, b"S").await.map_err(|_| ConnOutcome::Closed)?;
-                    let Stream::Plain(tcp) = r.io else { return Err(ConnOutcome::ProtocolError) };
+                    codec::send(&mut r.io, b"S")
+                        .await
+                        .map_err(|_| ConnOutcome::Closed)?;
+                    let Stream::Plain(tcp) = r.io else {
+                        return Err(ConnOutcome::ProtocolError);
+                    };
                     let sv = self.shared.tls.current();
                     let tls = self.tls_accept(tcp, &sv).await?;
                     served = Some(sv);
@@ -272,7 +327,9 @@ impl Session {
                     if served.is_none() && self.cfg.tls == ListenerTls::Required {
                         self.user = Some(startup.user.clone());
                         self.refuse(&mut r.io, PgRefusal::TlsRequired).await;
-                        self.shared.metrics.tls_handshake(&self.cfg.name, "none", false);
+                        self.shared
+                            .metrics
+                            .tls_handshake(&self.cfg.name, "none", false);
                         self.audit(Event::ConnRejected, "refused", Some("plaintext"));
                         return Err(ConnOutcome::TlsFailed);
                     }
@@ -287,7 +344,12 @@ impl Session {
                         _ => Vec::new(),
                     };
                     self.client_cert = subjects.iter().find(|s| s.starts_with("CN=")).cloned();
-                    return Ok(Negotiated { client: r, startup, served, subjects });
+                    return Ok(Negotiated {
+                        client: r,
+                        startup,
+                        served,
+                        subjects,
+                    });
                 }
             }
         }
@@ -295,7 +357,11 @@ impl Session {
 
     /// CancelRequest: map the proxy key to the upstream's and forward it. No reply either way.
     async fn cancel(&self, body: &[u8]) {
-        if body.len() != 12 || !self.l.cancels.allow(self.peer.ip(), self.shared.config().limits.cancel_per_source_per_second)
+        if body.len() != 12
+            || !self.l.cancels.allow(
+                self.peer.ip(),
+                self.shared.config().limits.cancel_per_source_per_second,
+            )
         {
             tracing::debug!("cancel request dropped (malformed or rate-limited)");
             return;
@@ -312,22 +378,46 @@ impl Session {
                 let _ = codec::send(&mut io, &codec::cancel_request(pid, upstream_secret)).await;
                 // Wait for the upstream to close, as PostgreSQL's own cancel does.
                 let mut sink = [0u8; 1];
-                let _ = tokio::time::timeout(deadline, tokio::io::AsyncReadExt::read(&mut io, &mut sink)).await;
+                let _ = tokio::time::timeout(
+                    deadline,
+                    tokio::io::AsyncReadExt::read(&mut io, &mut sink),
+                )
+                .await;
             }
             Err(e) => tracing::warn!(error = %e, "cancel could not reach the upstream"),
         }
     }
 
-    async fn reject(&mut self, io: &mut Stream, user: &str, reason: PgRejectReason, text: &'static str) -> ConnOutcome {
-        self.refuse(io, PgRefusal::LoginNotAllowed { user: user.to_string(), reason: text }).await;
+    async fn reject(
+        &mut self,
+        io: &mut Stream,
+        user: &str,
+        reason: PgRejectReason,
+        text: &'static str,
+    ) -> ConnOutcome {
+        self.refuse(
+            io,
+            PgRefusal::LoginNotAllowed {
+                user: user.to_string(),
+                reason: text,
+            },
+        )
+        .await;
         self.shared.metrics.pg_rejected(&self.cfg.name, reason);
         self.audit(Event::PgLoginRejected, "refused", Some(reason.as_str()));
         ConnOutcome::Rejected
     }
 
     /// A failed client authentication: counted, maybe a lockout, audited, refused.
-    async fn auth_failed(&mut self, io: &mut Stream, method: &'static str, refusal: PgRefusal) -> ConnOutcome {
-        self.shared.metrics.auth_attempt(&self.cfg.name, PG, method, false);
+    async fn auth_failed(
+        &mut self,
+        io: &mut Stream,
+        method: &'static str,
+        refusal: PgRefusal,
+    ) -> ConnOutcome {
+        self.shared
+            .metrics
+            .auth_attempt(&self.cfg.name, PG, method, false);
         if self.shared.lockout.record_failure(self.peer.ip()) {
             self.shared.metrics.lockout();
             self.audit(Event::Lockout, "locked_out", Some("too_many_failures"));
@@ -344,7 +434,9 @@ impl Session {
     }
 
     fn auth_ok(&self, method: &'static str) {
-        self.shared.metrics.auth_attempt(&self.cfg.name, PG, method, true);
+        self.shared
+            .metrics
+            .auth_attempt(&self.cfg.name, PG, method, true);
         let mut r = self.record(Event::AuthOk);
         r.outcome = Some("ok");
         r.reason = Some(method);
@@ -361,7 +453,11 @@ impl Session {
                 Err(ConnOutcome::ProtocolError)
             }
             Err(CodecError::BadLength(_)) | Err(CodecError::Malformed(_)) => {
-                self.refuse(&mut c.io, PgRefusal::Protocol("invalid message length".into())).await;
+                self.refuse(
+                    &mut c.io,
+                    PgRefusal::Protocol("invalid message length".into()),
+                )
+                .await;
                 Err(ConnOutcome::ProtocolError)
             }
             Err(_) => Err(ConnOutcome::Closed),
@@ -375,33 +471,57 @@ impl Session {
         served: Option<&Served>,
     ) -> Step<(User, Bytes)> {
         let users = self.l.users();
-        let user = users.get(&startup.user).filter(|u| u.postgres_scram.is_some()).cloned();
+        let user = users
+            .get(&startup.user)
+            .filter(|u| u.postgres_scram.is_some())
+            .cloned();
         let verifier = user
             .as_ref()
             .and_then(|u| u.postgres_scram.clone())
             .unwrap_or_else(|| ScramVerifier::mock(&startup.user, &self.shared.mock_secret));
         let plus = served.is_some();
-        let mechs: &[&str] = if plus { &[SCRAM_SHA_256_PLUS, SCRAM_SHA_256] } else { &[SCRAM_SHA_256] };
-        codec::send(&mut c.io, &codec::auth_sasl(mechs)).await.map_err(|_| ConnOutcome::Closed)?;
+        let mechs: &[&str] = if plus {
+            &[SCRAM_SHA_256_PLUS, SCRAM_SHA_256]
+        } else {
+            &[SCRAM_SHA_256]
+        };
+        codec::send(&mut c.io, &codec::auth_sasl(mechs))
+            .await
+            .map_err(|_| ConnOutcome::Closed)?;
         let body = self.read_password_message(c).await?;
         let (mech, data) = match codec::parse_sasl_initial(body) {
             Ok(x) => x,
             Err(_) => {
-                self.refuse(&mut c.io, PgRefusal::Protocol("malformed SASL message".into())).await;
+                self.refuse(
+                    &mut c.io,
+                    PgRefusal::Protocol("malformed SASL message".into()),
+                )
+                .await;
                 return Err(ConnOutcome::ProtocolError);
             }
         };
         if !mechs.contains(&mech.as_str()) {
             let msg = "client selected an invalid SASL authentication mechanism";
-            self.refuse(&mut c.io, PgRefusal::Protocol(msg.into())).await;
+            self.refuse(&mut c.io, PgRefusal::Protocol(msg.into()))
+                .await;
             return Err(ConnOutcome::ProtocolError);
         }
-        let method = if mech == SCRAM_SHA_256_PLUS { "scram-plus" } else { "scram" };
+        let method = if mech == SCRAM_SHA_256_PLUS {
+            "scram-plus"
+        } else {
+            "scram"
+        };
         let (server, first) = match ScramServer::start(verifier, &mech, plus, &data) {
             Ok(x) => x,
-            Err(e) => return Err(self.auth_failed(&mut c.io, method, scram_refusal(&e, &startup.user)).await),
+            Err(e) => {
+                return Err(self
+                    .auth_failed(&mut c.io, method, scram_refusal(&e, &startup.user))
+                    .await);
+            }
         };
-        codec::send(&mut c.io, &codec::auth_sasl_continue(first.as_bytes())).await.map_err(|_| ConnOutcome::Closed)?;
+        codec::send(&mut c.io, &codec::auth_sasl_continue(first.as_bytes()))
+            .await
+            .map_err(|_| ConnOutcome::Closed)?;
         let body = self.read_password_message(c).await?;
         let cb = served.map(|s| s.end_point.as_slice());
         match (server.finish(&body, cb), user) {
@@ -409,16 +529,29 @@ impl Session {
                 self.auth_ok(method);
                 Ok((u, codec::auth_sasl_final(fin.as_bytes())))
             }
-            (Ok(_), None) => {
-                Err(self.auth_failed(&mut c.io, method, PgRefusal::PasswordFailed(startup.user.clone())).await)
-            }
-            (Err(e), _) => Err(self.auth_failed(&mut c.io, method, scram_refusal(&e, &startup.user)).await),
+            (Ok(_), None) => Err(self
+                .auth_failed(
+                    &mut c.io,
+                    method,
+                    PgRefusal::PasswordFailed(startup.user.clone()),
+                )
+                .await),
+            (Err(e), _) => Err(self
+                .auth_failed(&mut c.io, method, scram_refusal(&e, &startup.user))
+                .await),
         }
     }
 
-    async fn auth_cert(&mut self, c: &mut MsgReader<Stream>, startup: &Startup, subjects: &[String]) -> Step<(User, Bytes)> {
+    async fn auth_cert(
+        &mut self,
+        c: &mut MsgReader<Stream>,
+        startup: &Startup,
+        subjects: &[String],
+    ) -> Step<(User, Bytes)> {
         if subjects.is_empty() {
-            return Err(self.auth_failed(&mut c.io, "cert", PgRefusal::CertRequired).await);
+            return Err(self
+                .auth_failed(&mut c.io, "cert", PgRefusal::CertRequired)
+                .await);
         }
         let users = self.l.users();
         match users.by_cert_subjects(subjects.iter().map(String::as_str)) {
@@ -427,13 +560,23 @@ impl Session {
                 self.auth_ok("cert");
                 Ok((u, Bytes::new()))
             }
-            _ => Err(self.auth_failed(&mut c.io, "cert", PgRefusal::CertFailed(startup.user.clone())).await),
+            _ => Err(self
+                .auth_failed(
+                    &mut c.io,
+                    "cert",
+                    PgRefusal::CertFailed(startup.user.clone()),
+                )
+                .await),
         }
     }
 
     async fn upstream_unavailable(&mut self, c: &mut MsgReader<Stream>, why: &str) -> ConnOutcome {
         tracing::warn!(reason = %why, "upstream login failed");
-        self.refuse(&mut c.io, PgRefusal::UpstreamUnavailable(self.cfg.name.clone())).await;
+        self.refuse(
+            &mut c.io,
+            PgRefusal::UpstreamUnavailable(self.cfg.name.clone()),
+        )
+        .await;
         self.audit(Event::ConnRejected, "error", Some("upstream_unavailable"));
         ConnOutcome::UpstreamFailed
     }
@@ -449,19 +592,38 @@ impl Session {
     ) -> Step<MsgReader<Stream>> {
         let mut hello = BytesMut::from(&greeting[..]);
         hello.extend_from_slice(&codec::auth_ok());
-        codec::send(&mut c.io, &hello).await.map_err(|_| ConnOutcome::Closed)?;
-        let Some(up_user) = user.upstream_user.clone().or_else(|| self.cfg.upstream_user.clone()) else {
-            return Err(self.upstream_unavailable(c, "no upstream_user configured for this user").await);
+        codec::send(&mut c.io, &hello)
+            .await
+            .map_err(|_| ConnOutcome::Closed)?;
+        let Some(up_user) = user
+            .upstream_user
+            .clone()
+            .or_else(|| self.cfg.upstream_user.clone())
+        else {
+            return Err(self
+                .upstream_unavailable(c, "no upstream_user configured for this user")
+                .await);
         };
         self.upstream_user = Some(up_user.clone());
-        let password = match user.upstream_password.as_ref().or(self.cfg.upstream_password.as_ref()).map(|r| r.read()) {
+        let password = match user
+            .upstream_password
+            .as_ref()
+            .or(self.cfg.upstream_password.as_ref())
+            .map(|r| r.read())
+        {
             None => None,
             Some(Ok(p)) => Some(p),
             Some(Err(e)) => return Err(self.upstream_unavailable(c, &e).await),
         };
         let mut params = vec![
             ("user".to_string(), up_user.clone()),
-            ("database".to_string(), startup.database.clone().unwrap_or_else(|| startup.user.clone())),
+            (
+                "database".to_string(),
+                startup
+                    .database
+                    .clone()
+                    .unwrap_or_else(|| startup.user.clone()),
+            ),
         ];
         params.extend(startup.forwarded_params().cloned());
         let t = Instant::now();
@@ -474,22 +636,30 @@ impl Session {
         let elapsed = t.elapsed().as_secs_f64();
         match res {
             Ok(Ok(u)) => {
-                self.shared.metrics.upstream_connect(&self.cfg.name, elapsed, true);
+                self.shared
+                    .metrics
+                    .upstream_connect(&self.cfg.name, elapsed, true);
                 Ok(u)
             }
             Ok(Err(LoginError::Error(e))) if !e.code.starts_with("28") => {
                 // About the client's own request (unknown database, server starting, ...): pass it on.
-                self.shared.metrics.upstream_connect(&self.cfg.name, elapsed, true);
+                self.shared
+                    .metrics
+                    .upstream_connect(&self.cfg.name, elapsed, true);
                 let _ = codec::send(&mut c.io, &e.frame).await;
                 self.audit(Event::ConnRejected, "error", Some("upstream_error"));
                 Err(ConnOutcome::UpstreamFailed)
             }
             Ok(Err(e)) => {
-                self.shared.metrics.upstream_connect(&self.cfg.name, elapsed, false);
+                self.shared
+                    .metrics
+                    .upstream_connect(&self.cfg.name, elapsed, false);
                 Err(self.upstream_unavailable(c, &e.to_string()).await)
             }
             Err(_) => {
-                self.shared.metrics.upstream_connect(&self.cfg.name, elapsed, false);
+                self.shared
+                    .metrics
+                    .upstream_connect(&self.cfg.name, elapsed, false);
                 Err(self.upstream_unavailable(c, "timeout").await)
             }
         }
@@ -503,11 +673,17 @@ impl Session {
         let io = match pgup::connect(&self.l, limits.upstream_connect_timeout).await {
             Ok(io) => io,
             Err(e) => {
-                self.shared.metrics.upstream_connect(&self.cfg.name, t.elapsed().as_secs_f64(), false);
+                self.shared.metrics.upstream_connect(
+                    &self.cfg.name,
+                    t.elapsed().as_secs_f64(),
+                    false,
+                );
                 return Err(self.upstream_unavailable(&mut c, &e.to_string()).await);
             }
         };
-        self.shared.metrics.upstream_connect(&self.cfg.name, t.elapsed().as_secs_f64(), true);
+        self.shared
+            .metrics
+            .upstream_connect(&self.cfg.name, t.elapsed().as_secs_f64(), true);
         self.upstream_user = Some(startup.user.clone());
         let mut params = vec![("user".to_string(), startup.user.clone())];
         if let Some(d) = &startup.database {
@@ -515,7 +691,9 @@ impl Session {
         }
         params.extend(startup.forwarded_params().cloned());
         let mut u = MsgReader::new(io, BytesMut::new());
-        codec::send(&mut u.io, &codec::startup_message(&params)).await.map_err(|_| ConnOutcome::UpstreamFailed)?;
+        codec::send(&mut u.io, &codec::startup_message(&params))
+            .await
+            .map_err(|_| ConnOutcome::UpstreamFailed)?;
         loop {
             let m = match u.message(codec::MAX_BACKEND_LOGIN_MESSAGE).await {
                 Ok(m) => m,
@@ -523,9 +701,14 @@ impl Session {
             };
             match m.tag {
                 b'E' => {
-                    let code = codec::error_fields(&m.body).into_iter().find(|(k, _)| *k == b'C').map(|(_, v)| v);
+                    let code = codec::error_fields(&m.body)
+                        .into_iter()
+                        .find(|(k, _)| *k == b'C')
+                        .map(|(_, v)| v);
                     if code.as_deref().is_some_and(|c| c.starts_with("28")) {
-                        self.shared.metrics.auth_attempt(&self.cfg.name, PG, "passthrough", false);
+                        self.shared
+                            .metrics
+                            .auth_attempt(&self.cfg.name, PG, "passthrough", false);
                         if self.shared.lockout.record_failure(self.peer.ip()) {
                             self.shared.metrics.lockout();
                             self.audit(Event::Lockout, "locked_out", Some("too_many_failures"));
@@ -538,7 +721,9 @@ impl Session {
                 }
                 b'R' => {}
                 _ => {
-                    codec::send(&mut c.io, &m.frame).await.map_err(|_| ConnOutcome::Closed)?;
+                    codec::send(&mut c.io, &m.frame)
+                        .await
+                        .map_err(|_| ConnOutcome::Closed)?;
                     continue;
                 }
             }
@@ -546,7 +731,9 @@ impl Session {
             let code = b.i32().map_err(|_| ConnOutcome::UpstreamFailed)?;
             match code {
                 0 => {
-                    codec::send(&mut c.io, &m.frame).await.map_err(|_| ConnOutcome::Closed)?;
+                    codec::send(&mut c.io, &m.frame)
+                        .await
+                        .map_err(|_| ConnOutcome::Closed)?;
                     self.auth_ok("passthrough");
                     break;
                 }
@@ -561,13 +748,19 @@ impl Session {
                         }
                     }
                     let refs: Vec<&str> = mechs.iter().map(String::as_str).collect();
-                    codec::send(&mut c.io, &codec::auth_sasl(&refs)).await.map_err(|_| ConnOutcome::Closed)?;
+                    codec::send(&mut c.io, &codec::auth_sasl(&refs))
+                        .await
+                        .map_err(|_| ConnOutcome::Closed)?;
                 }
-                _ => codec::send(&mut c.io, &m.frame).await.map_err(|_| ConnOutcome::Closed)?,
+                _ => codec::send(&mut c.io, &m.frame)
+                    .await
+                    .map_err(|_| ConnOutcome::Closed)?,
             }
             if matches!(code, 3 | 5 | 10 | 11) {
                 let body = self.read_password_message(&mut c).await?;
-                codec::send(&mut u.io, &codec::password_message(&body)).await.map_err(|_| ConnOutcome::UpstreamFailed)?;
+                codec::send(&mut u.io, &codec::password_message(&body))
+                    .await
+                    .map_err(|_| ConnOutcome::UpstreamFailed)?;
             }
         }
         self.finish_startup(c, u).await
@@ -575,7 +768,11 @@ impl Session {
 
     /// Relays the upstream's startup messages up to ReadyForQuery, swapping the cancel key and
     /// refusing superuser sessions before ReadyForQuery reaches the client.
-    async fn finish_startup(&mut self, mut c: MsgReader<Stream>, mut u: MsgReader<Stream>) -> Step<Ready> {
+    async fn finish_startup(
+        &mut self,
+        mut c: MsgReader<Stream>,
+        mut u: MsgReader<Stream>,
+    ) -> Step<Ready> {
         let mut out = BytesMut::new();
         let mut superuser = false;
         let mut cancel_key = None;
@@ -597,7 +794,9 @@ impl Session {
                 b'K' => {
                     let mut b = Body(m.body.clone());
                     let (Ok(pid), Ok(secret)) = (b.i32(), b.i32()) else {
-                        return Err(self.upstream_unavailable(&mut c, "malformed BackendKeyData").await);
+                        return Err(self
+                            .upstream_unavailable(&mut c, "malformed BackendKeyData")
+                            .await);
                     };
                     let ours = self.l.cancels.register(pid, secret);
                     cancel_key = Some((pid, ours));
@@ -626,17 +825,29 @@ impl Session {
             let _ = codec::send(&mut u.io, b"X\0\0\0\x04").await;
             let user = self.user.clone().unwrap_or_default();
             let text = "the upstream session has superuser privileges";
-            return Err(self.reject(&mut c.io, &user, PgRejectReason::Superuser, text).await);
+            return Err(self
+                .reject(&mut c.io, &user, PgRejectReason::Superuser, text)
+                .await);
         }
         out.extend_from_slice(&u.buf.split());
-        codec::send(&mut c.io, &out).await.map_err(|_| ConnOutcome::Closed)?;
-        Ok(Ready { client: c, upstream: u, cancel_key })
+        codec::send(&mut c.io, &out)
+            .await
+            .map_err(|_| ConnOutcome::Closed)?;
+        Ok(Ready {
+            client: c,
+            upstream: u,
+            cancel_key,
+        })
     }
 
     /// Forwards bytes both ways until either side closes (half-close propagated) or the drain
     /// deadline passes. Returns (client→upstream, upstream→client) byte counts.
     async fn forward(&self, ready: Ready) -> (u64, u64) {
-        let Ready { client, upstream, cancel_key } = ready;
+        let Ready {
+            client,
+            upstream,
+            cancel_key,
+        } = ready;
         let (mut cio, mut uio) = (client.io, upstream.io);
         let pending = client.buf;
         let mut up = pending.len() as u64;

@@ -39,7 +39,9 @@ impl Startup {
             if k.is_empty() {
                 break;
             }
-            let v = b.cstr().map_err(|_| bad("expected terminator as last byte"))?;
+            let v = b
+                .cstr()
+                .map_err(|_| bad("expected terminator as last byte"))?;
             if k.starts_with("_pq_.") {
                 unsupported_options.push(k);
             } else {
@@ -49,10 +51,23 @@ impl Startup {
         if !b.rest().is_empty() {
             return Err(bad("expected terminator as last byte"));
         }
-        let get = |name: &str| params.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone());
-        let user = get("user").filter(|u| !u.is_empty()).ok_or(PgRefusal::NoUser)?;
+        let get = |name: &str| {
+            params
+                .iter()
+                .find(|(k, _)| k == name)
+                .map(|(_, v)| v.clone())
+        };
+        let user = get("user")
+            .filter(|u| !u.is_empty())
+            .ok_or(PgRefusal::NoUser)?;
         let database = get("database").filter(|d| !d.is_empty());
-        Ok(Startup { minor, user, database, params, unsupported_options })
+        Ok(Startup {
+            minor,
+            user,
+            database,
+            params,
+            unsupported_options,
+        })
     }
 
     /// Whether PostgreSQL 15 would answer with NegotiateProtocolVersion.
@@ -62,12 +77,17 @@ impl Startup {
 
     /// The value of a parameter.
     pub fn get(&self, name: &str) -> Option<&str> {
-        self.params.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
+        self.params
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
     }
 
     /// Parameters to send upstream: everything but user/database/replication (set by the proxy).
     pub fn forwarded_params(&self) -> impl Iterator<Item = &(String, String)> {
-        self.params.iter().filter(|(k, _)| !matches!(k.as_str(), "user" | "database" | "replication"))
+        self.params
+            .iter()
+            .filter(|(k, _)| !matches!(k.as_str(), "user" | "database" | "replication"))
     }
 }
 
@@ -117,10 +137,16 @@ fn split_options(s: &str) -> Vec<String> {
 /// connections, and any attempt to set role/session_authorization at login.
 pub fn check_login(s: &Startup, deny_users: &[String]) -> Result<(), LoginRejection> {
     if deny_users.iter().any(|d| d.eq_ignore_ascii_case(&s.user)) {
-        return Err(LoginRejection { reason: PgRejectReason::DenyList, text: "bootstrap or administrative user" });
+        return Err(LoginRejection {
+            reason: PgRejectReason::DenyList,
+            text: "bootstrap or administrative user",
+        });
     }
     if let Some(r) = s.get("replication")
-        && !matches!(r.to_ascii_lowercase().as_str(), "false" | "off" | "no" | "0")
+        && !matches!(
+            r.to_ascii_lowercase().as_str(),
+            "false" | "off" | "no" | "0"
+        )
     {
         return Err(LoginRejection {
             reason: PgRejectReason::Replication,
@@ -130,7 +156,10 @@ pub fn check_login(s: &Startup, deny_users: &[String]) -> Result<(), LoginReject
     let role_param = s.params.iter().any(|(k, _)| sets_role(k));
     let role_option = s.get("options").is_some_and(|o| {
         split_options(o).iter().any(|tok| {
-            let t = tok.strip_prefix("--").or_else(|| tok.strip_prefix("-c")).unwrap_or(tok);
+            let t = tok
+                .strip_prefix("--")
+                .or_else(|| tok.strip_prefix("-c"))
+                .unwrap_or(tok);
             t.split_once('=').is_some_and(|(name, _)| sets_role(name))
         })
     });
@@ -167,8 +196,15 @@ mod tests {
 
     #[test]
     fn parses_and_negotiates() {
-        let s = Startup::parse(packet(196_610, &[("user", "app"), ("_pq_.foo", "1"), ("database", "d")])).unwrap();
-        assert_eq!((s.minor, s.user.as_str(), s.database.as_deref()), (2, "app", Some("d")));
+        let s = Startup::parse(packet(
+            196_610,
+            &[("user", "app"), ("_pq_.foo", "1"), ("database", "d")],
+        ))
+        .unwrap();
+        assert_eq!(
+            (s.minor, s.user.as_str(), s.database.as_deref()),
+            (2, "app", Some("d"))
+        );
         assert_eq!(s.unsupported_options, vec!["_pq_.foo".to_string()]);
         assert!(s.needs_negotiation());
         assert!(!startup(&[("user", "app")]).needs_negotiation());
@@ -176,31 +212,74 @@ mod tests {
 
     #[test]
     fn bad_packets() {
-        assert_eq!(Startup::parse(packet(4 << 16, &[("user", "a")])).unwrap_err(), PgRefusal::UnsupportedProtocol(4, 0));
-        assert_eq!(Startup::parse(packet(196_608, &[("database", "a")])).unwrap_err(), PgRefusal::NoUser);
-        assert!(matches!(Startup::parse(Bytes::from_static(b"\0\x03\0\0user\0x")), Err(PgRefusal::Protocol(_))));
-        assert!(matches!(Startup::parse(Bytes::from_static(b"\0\x03")), Err(PgRefusal::Protocol(_))));
+        assert_eq!(
+            Startup::parse(packet(4 << 16, &[("user", "a")])).unwrap_err(),
+            PgRefusal::UnsupportedProtocol(4, 0)
+        );
+        assert_eq!(
+            Startup::parse(packet(196_608, &[("database", "a")])).unwrap_err(),
+            PgRefusal::NoUser
+        );
+        assert!(matches!(
+            Startup::parse(Bytes::from_static(b"\0\x03\0\0user\0x")),
+            Err(PgRefusal::Protocol(_))
+        ));
+        assert!(matches!(
+            Startup::parse(Bytes::from_static(b"\0\x03")),
+            Err(PgRefusal::Protocol(_))
+        ));
     }
 
     #[test]
     fn login_policy_table() {
         let deny = vec!["postgres".to_string()];
-        let cases: &[(&[(&str, &str)], Option<PgRejectReason>)] = &[
+        type Case<'a> = (&'a [(&'a str, &'a str)], Option<PgRejectReason>);
+        let cases: &[Case] = &[
             (&[("user", "app")], None),
             (&[("user", "postgres")], Some(PgRejectReason::DenyList)),
             (&[("user", "PoStGrEs")], Some(PgRejectReason::DenyList)),
             (&[("user", "postgres2")], None),
-            (&[("user", "app"), ("replication", "database")], Some(PgRejectReason::Replication)),
-            (&[("user", "app"), ("replication", "true")], Some(PgRejectReason::Replication)),
+            (
+                &[("user", "app"), ("replication", "database")],
+                Some(PgRejectReason::Replication),
+            ),
+            (
+                &[("user", "app"), ("replication", "true")],
+                Some(PgRejectReason::Replication),
+            ),
             (&[("user", "app"), ("replication", "false")], None),
-            (&[("user", "app"), ("options", "-c role=postgres")], Some(PgRejectReason::RoleOption)),
-            (&[("user", "app"), ("options", "-crole=postgres")], Some(PgRejectReason::RoleOption)),
-            (&[("user", "app"), ("options", "--role=postgres")], Some(PgRejectReason::RoleOption)),
-            (&[("user", "app"), ("options", "-c session-authorization=x")], Some(PgRejectReason::RoleOption)),
-            (&[("user", "app"), ("options", "-c SESSION_AUTHORIZATION=x")], Some(PgRejectReason::RoleOption)),
-            (&[("user", "app"), ("options", "-c search_path=a\\ role=b")], None),
-            (&[("user", "app"), ("options", "-c search_path=public")], None),
-            (&[("user", "app"), ("role", "postgres")], Some(PgRejectReason::RoleOption)),
+            (
+                &[("user", "app"), ("options", "-c role=postgres")],
+                Some(PgRejectReason::RoleOption),
+            ),
+            (
+                &[("user", "app"), ("options", "-crole=postgres")],
+                Some(PgRejectReason::RoleOption),
+            ),
+            (
+                &[("user", "app"), ("options", "--role=postgres")],
+                Some(PgRejectReason::RoleOption),
+            ),
+            (
+                &[("user", "app"), ("options", "-c session-authorization=x")],
+                Some(PgRejectReason::RoleOption),
+            ),
+            (
+                &[("user", "app"), ("options", "-c SESSION_AUTHORIZATION=x")],
+                Some(PgRejectReason::RoleOption),
+            ),
+            (
+                &[("user", "app"), ("options", "-c search_path=a\\ role=b")],
+                None,
+            ),
+            (
+                &[("user", "app"), ("options", "-c search_path=public")],
+                None,
+            ),
+            (
+                &[("user", "app"), ("role", "postgres")],
+                Some(PgRejectReason::RoleOption),
+            ),
         ];
         for (params, want) in cases {
             let got = check_login(&startup(params), &deny).err().map(|r| r.reason);

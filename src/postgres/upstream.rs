@@ -21,9 +21,13 @@ pub async fn connect(l: &PgListener, deadline: Duration) -> Result<Stream, Upstr
     let Some(tls) = l.upstream_tls() else {
         return Ok(Stream::Plain(tcp));
     };
-    tcp.write_all(&codec::SSL_REQUEST).await.map_err(UpstreamError::Connect)?;
+    tcp.write_all(&codec::SSL_REQUEST)
+        .await
+        .map_err(UpstreamError::Connect)?;
     let mut answer = [0u8; 1];
-    tcp.read_exact(&mut answer).await.map_err(UpstreamError::Connect)?;
+    tcp.read_exact(&mut answer)
+        .await
+        .map_err(UpstreamError::Connect)?;
     if answer[0] != b'S' {
         return Err(UpstreamError::TlsRefused);
     }
@@ -64,11 +68,16 @@ pub async fn login(
     password: Option<&Secret>,
 ) -> Result<MsgReader<Stream>, LoginError> {
     let mut r = MsgReader::new(io, BytesMut::new());
-    codec::send(&mut r.io, &codec::startup_message(params)).await.map_err(|e| protocol(e))?;
+    codec::send(&mut r.io, &codec::startup_message(params))
+        .await
+        .map_err(protocol)?;
     let mut scram: Option<ScramClient> = None;
     let mut scram_final = None;
     loop {
-        let m = r.message(codec::MAX_BACKEND_LOGIN_MESSAGE).await.map_err(protocol)?;
+        let m = r
+            .message(codec::MAX_BACKEND_LOGIN_MESSAGE)
+            .await
+            .map_err(protocol)?;
         match m.tag {
             b'E' => {
                 let code = codec::error_fields(&m.body)
@@ -76,31 +85,50 @@ pub async fn login(
                     .find(|(c, _)| *c == b'C')
                     .map(|(_, v)| v)
                     .unwrap_or_default();
-                return Err(LoginError::Error(UpstreamErrorResponse { code, frame: m.frame }));
+                return Err(LoginError::Error(UpstreamErrorResponse {
+                    code,
+                    frame: m.frame,
+                }));
             }
             b'R' => {}
             b'N' => continue,
             b'v' => continue, // NegotiateProtocolVersion: we asked for 3.0, nothing to adapt.
-            t => return Err(protocol(format!("unexpected message {:?} during login", t as char)).into()),
+            t => {
+                return Err(
+                    protocol(format!("unexpected message {:?} during login", t as char)).into(),
+                );
+            }
         }
         let mut b = Body(m.body);
         let code = b.i32().map_err(protocol)?;
         let need_pw = || {
-            password.ok_or_else(|| UpstreamError::Refused("upstream asks for a password but none is configured".into()))
+            password.ok_or_else(|| {
+                UpstreamError::Refused("upstream asks for a password but none is configured".into())
+            })
         };
         match code {
             0 => return Ok(r),
             3 => {
                 let mut pw = need_pw()?.expose().as_bytes().to_vec();
                 pw.push(0);
-                codec::send(&mut r.io, &codec::password_message(&pw)).await.map_err(protocol)?;
+                codec::send(&mut r.io, &codec::password_message(&pw))
+                    .await
+                    .map_err(protocol)?;
             }
             5 => {
-                let salt: [u8; 4] = b.bytes(4).map_err(protocol)?[..].try_into().map_err(protocol)?;
-                let mut h = postgres_protocol::authentication::md5_hash(user.as_bytes(), need_pw()?.expose().as_bytes(), salt)
-                    .into_bytes();
+                let salt: [u8; 4] = b.bytes(4).map_err(protocol)?[..]
+                    .try_into()
+                    .map_err(protocol)?;
+                let mut h = postgres_protocol::authentication::md5_hash(
+                    user.as_bytes(),
+                    need_pw()?.expose().as_bytes(),
+                    salt,
+                )
+                .into_bytes();
                 h.push(0);
-                codec::send(&mut r.io, &codec::password_message(&h)).await.map_err(protocol)?;
+                codec::send(&mut r.io, &codec::password_message(&h))
+                    .await
+                    .map_err(protocol)?;
             }
             10 => {
                 let mut mechs = Vec::new();
@@ -112,30 +140,47 @@ pub async fn login(
                     mechs.push(s);
                 }
                 if !mechs.iter().any(|m| m == SCRAM_SHA_256) {
-                    return Err(UpstreamError::Refused(format!("no supported SASL mechanism in {mechs:?}")).into());
+                    return Err(UpstreamError::Refused(format!(
+                        "no supported SASL mechanism in {mechs:?}"
+                    ))
+                    .into());
                 }
                 need_pw()?;
                 let (client, first) = ScramClient::start();
                 scram = Some(client);
-                codec::send(&mut r.io, &codec::sasl_initial_response(SCRAM_SHA_256, first.as_bytes()))
-                    .await
-                    .map_err(protocol)?;
+                codec::send(
+                    &mut r.io,
+                    &codec::sasl_initial_response(SCRAM_SHA_256, first.as_bytes()),
+                )
+                .await
+                .map_err(protocol)?;
             }
             11 => {
-                let client = scram.take().ok_or_else(|| protocol("SASLContinue without SASL"))?;
+                let client = scram
+                    .take()
+                    .ok_or_else(|| protocol("SASLContinue without SASL"))?;
                 let pw = need_pw()?.expose().to_string();
                 let (fin, msg) = client
                     .respond(&b.rest(), |salt, iters| l.salted_password(&pw, salt, iters))
                     .map_err(|e| UpstreamError::Refused(e.to_string()))?;
                 scram_final = Some(fin);
-                codec::send(&mut r.io, &codec::password_message(msg.as_bytes())).await.map_err(protocol)?;
+                codec::send(&mut r.io, &codec::password_message(msg.as_bytes()))
+                    .await
+                    .map_err(protocol)?;
             }
             12 => {
-                let fin = scram_final.take().ok_or_else(|| protocol("SASLFinal without SASLContinue"))?;
-                fin.verify(&b.rest()).map_err(|_| UpstreamError::Refused("upstream server signature mismatch".into()))?;
+                let fin = scram_final
+                    .take()
+                    .ok_or_else(|| protocol("SASLFinal without SASLContinue"))?;
+                fin.verify(&b.rest()).map_err(|_| {
+                    UpstreamError::Refused("upstream server signature mismatch".into())
+                })?;
             }
             other => {
-                return Err(UpstreamError::Refused(format!("unsupported authentication request {other}")).into());
+                return Err(UpstreamError::Refused(format!(
+                    "unsupported authentication request {other}"
+                ))
+                .into());
             }
         }
     }
