@@ -69,12 +69,22 @@ pub fn lint(cfg: &Config) -> Vec<Finding> {
             message,
         })
     };
-    if !loopback(&cfg.admin_listen) {
+    let admin_ip = cfg.admin_listen.ip();
+    if admin_ip.is_unspecified() {
+        add(
+            "PC017",
+            Severity::Warning,
+            format!(
+                "[admin] listen = {} binds every interface: keep the port off public Services/LBs",
+                cfg.admin_listen
+            ),
+        );
+    } else if !loopback(&cfg.admin_listen) && !is_private(admin_ip) {
         add(
             "PC003",
             Severity::Error,
             format!(
-                "[admin] listen = {} is not loopback: metrics and readiness must not be public",
+                "[admin] listen = {} is a public address: metrics and readiness must not be public",
                 cfg.admin_listen
             ),
         );
