@@ -477,3 +477,72 @@ fn run_fails_fast_on_a_bad_config() {
         "{err}"
     );
 }
+
+#[test]
+fn demo_prints_a_working_psql_line_and_cleans_up_on_ctrl_c() {
+    use std::io::BufRead;
+    let cwd = tempfile::tempdir().unwrap();
+    let config = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/dev.toml");
+    let mut child = Command::new(BIN)
+        .args(["demo", "--config"])
+        .arg(&config)
+        .current_dir(cwd.path())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut lines = std::io::BufReader::new(child.stdout.take().unwrap()).lines();
+    let (mut psql_line, mut pg_port) = (None, None);
+    let t = Instant::now();
+    while psql_line.is_none() {
+        assert!(
+            t.elapsed() < Duration::from_secs(60),
+            "demo did not come up"
+        );
+        let line = lines.next().expect("demo output").unwrap();
+        if let Some(rest) = line.split("PostgreSQL 15 on 127.0.0.1:").nth(1) {
+            pg_port = rest
+                .split(|c: char| !c.is_ascii_digit())
+                .next()
+                .map(str::to_string);
+        }
+        if line.contains("channel_binding=require") {
+            psql_line = Some(line.trim().to_string());
+        }
+    }
+    assert!(
+        cwd.path().join("certs-dev/ca.crt").exists(),
+        "dev certificates generated"
+    );
+    let out = Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "{} -X -At -c 'select current_user'",
+            psql_line.unwrap()
+        ))
+        .current_dir(cwd.path())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "app_runtime");
+    signal(&child, "-INT");
+    let rest: Vec<String> = lines.map_while(Result::ok).collect();
+    assert!(child.wait().unwrap().success());
+    assert!(
+        rest.iter()
+            .any(|l| l.contains("private PostgreSQL removed")),
+        "{rest:?}"
+    );
+    let port: u16 = pg_port
+        .expect("demo names its PostgreSQL port")
+        .parse()
+        .unwrap();
+    assert!(
+        std::net::TcpStream::connect(("127.0.0.1", port)).is_err(),
+        "private PostgreSQL stopped"
+    );
+}

@@ -365,3 +365,147 @@ async fn http_status(addr: std::net::SocketAddr, path: &str) -> u16 {
     s.read_to_string(&mut out).await.unwrap();
     out.split_whitespace().nth(1).unwrap().parse().unwrap()
 }
+
+#[tokio::test]
+async fn sources_outside_the_allow_list_are_dropped_before_tls() {
+    let p = proxy("", "allow = [\"10.0.0.0/8\"]").await;
+    let e = connect(p.port(), "app", APP_PASSWORD, "")
+        .await
+        .expect_err("refused");
+    assert!(
+        e.as_db_error().is_none(),
+        "dropped without a protocol answer: {e}"
+    );
+    assert!(
+        p.metrics().contains(r#"outcome="not_allowed""#),
+        "{}",
+        p.metrics()
+    );
+    let ok = proxy("", "allow = [\"127.0.0.1/32\"]").await;
+    connect(ok.port(), "app", APP_PASSWORD, "")
+        .await
+        .expect("allowed source");
+}
+
+#[tokio::test]
+async fn plaintext_cancel_request_as_libpq_15_sends_it() {
+    let p = proxy("", "").await;
+    // sslmode=prefer so that the cancel may go in the clear (tokio-postgres keeps the sslmode).
+    let c = connect(p.port(), "app", APP_PASSWORD, "sslmode=prefer")
+        .await
+        .unwrap();
+    let token = c.cancel_token();
+    let q = tokio::spawn(async move { c.simple_query("select pg_sleep(30)").await.map(|_| ()) });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // NoTls: the CancelRequest goes in the clear, as libpq before 17 sends it.
+    token.cancel_query(tokio_postgres::NoTls).await.unwrap();
+    let res = tokio::time::timeout(Duration::from_secs(2), q)
+        .await
+        .expect("cancelled within 2 s")
+        .unwrap();
+    assert_eq!(db_error(&res.expect_err("cancelled")).0, "57014");
+}
+
+#[tokio::test]
+async fn kubernetes_style_symlink_swap_is_picked_up_without_a_signal() {
+    // secret volume layout: tls.crt -> ..data/tls.crt, ..data -> ..2026_01
+    let vol = tempfile::tempdir().unwrap();
+    let v = vol.path();
+    let gen1 = v.join("..gen1");
+    std::fs::create_dir(&gen1).unwrap();
+    std::fs::copy(certs().join("server.crt"), gen1.join("tls.crt")).unwrap();
+    std::fs::copy(certs().join("server.key"), gen1.join("tls.key")).unwrap();
+    std::os::unix::fs::symlink("..gen1", v.join("..data")).unwrap();
+    std::os::unix::fs::symlink("..data/tls.crt", v.join("tls.crt")).unwrap();
+    std::os::unix::fs::symlink("..data/tls.key", v.join("tls.key")).unwrap();
+    let d = v.display();
+    let p = proxy(
+        &format!("[tls]\ncert = \"{d}/tls.crt\"\nkey = \"{d}/tls.key\"\n"),
+        "",
+    )
+    .await;
+    let open = connect(p.port(), "app", APP_PASSWORD, "").await.unwrap();
+    // the kubelet writes a new generation and swaps ..data atomically
+    let new_pki = tempfile::tempdir().unwrap();
+    portcullis::certs::write_dev_pki(new_pki.path(), "app").unwrap();
+    let gen2 = v.join("..gen2");
+    std::fs::create_dir(&gen2).unwrap();
+    std::fs::copy(new_pki.path().join("server.crt"), gen2.join("tls.crt")).unwrap();
+    std::fs::copy(new_pki.path().join("server.key"), gen2.join("tls.key")).unwrap();
+    std::os::unix::fs::symlink("..gen2", v.join("..data_tmp")).unwrap();
+    std::fs::rename(v.join("..data_tmp"), v.join("..data")).unwrap();
+    let tls = client_tls_versions(false, &[&rustls::version::TLS13], new_pki.path());
+    let mut served_new = false;
+    for _ in 0..60 {
+        if connect_tls(p.port(), "app", APP_PASSWORD, "", tls.clone())
+            .await
+            .is_ok()
+        {
+            served_new = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        served_new,
+        "new certificate served within 6 s without SIGHUP"
+    );
+    assert_eq!(
+        open.query_one("select 1", &[])
+            .await
+            .unwrap()
+            .get::<_, i32>(0),
+        1,
+        "open session kept"
+    );
+}
+
+#[tokio::test]
+async fn users_file_change_rotates_a_client_password() {
+    // Polling with the new password fails until the reload: keep those failures from locking us out.
+    let p = proxy("[lockout]\nmax_failures = 1000\n", "").await;
+    connect(p.port(), "app", APP_PASSWORD, "")
+        .await
+        .expect("old password");
+    let users_path = p.dir.path().join("users.toml");
+    let users = std::fs::read_to_string(&users_path).unwrap();
+    let old_verifier = users
+        .lines()
+        .find(|l| l.starts_with("postgres_scram"))
+        .unwrap()
+        .to_string();
+    let new_verifier = format!(
+        "postgres_scram = \"{}\"",
+        postgres_protocol::password::scram_sha_256(b"rotated-pw-77")
+    );
+    std::fs::write(&users_path, users.replacen(&old_verifier, &new_verifier, 1)).unwrap();
+    let mut rotated = false;
+    for _ in 0..60 {
+        if connect(p.port(), "app", "rotated-pw-77", "").await.is_ok() {
+            rotated = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        rotated,
+        "new password accepted after the file changed: {}",
+        p.metrics()
+    );
+    let e = connect(p.port(), "app", APP_PASSWORD, "")
+        .await
+        .expect_err("old password refused");
+    assert_eq!(db_error(&e).0, "28P01");
+    // a broken users file is refused; the last good one keeps working
+    std::fs::write(&users_path, "[[users]]\nname = 1\n").unwrap();
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    connect(p.port(), "app", "rotated-pw-77", "")
+        .await
+        .expect("last good users file still in force");
+    assert!(
+        p.metrics()
+            .contains(r#"portcullis_config_reloads_total{result="error"} 1"#),
+        "{}",
+        p.metrics()
+    );
+}

@@ -128,10 +128,15 @@ users_file = "{dir}/users.toml"
 upstream_user = "app_runtime"
 upstream_password_file = "{dir}/runtime.pass"
 deny_users = ["postgres"]
-allow = ["127.0.0.0/8"]
+{allow}
 {listener_extra}
 "#,
-        dir = dir.path().display()
+        dir = dir.path().display(),
+        allow = if listener_extra.contains("allow") {
+            ""
+        } else {
+            "allow = [\"127.0.0.0/8\"]"
+        },
     );
     let config_path = dir.path().join("portcullis.toml");
     std::fs::write(&config_path, config).unwrap();
