@@ -77,3 +77,81 @@ pub fn load(path: &Path) -> Result<Config, ConfigError> {
     let (raw, src): (RawConfig, String) = parse_toml(path)?;
     raw.validate(path, &src)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load_str(body: &str) -> Result<Config, ConfigError> {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("c.toml");
+        std::fs::write(&p, body).unwrap();
+        load(&p)
+    }
+
+    const MIN: &str = "[tls]\ncert = \"c\"\nkey = \"k\"\n[[postgres]]\nname = \"m\"\nlisten = \"127.0.0.1:1\"\nupstream = \"db:5432\"\nusers_file = \"u\"\n";
+
+    #[test]
+    fn minimal_config_gets_documented_defaults() {
+        let c = load_str(MIN).unwrap();
+        assert_eq!(c.admin_listen.to_string(), "127.0.0.1:9898");
+        assert_eq!(c.tls.min_version, TlsMinVersion::Tls13);
+        assert_eq!(c.tls.client_auth, ClientAuth::None);
+        assert_eq!(
+            c.limits.handshake_timeout,
+            std::time::Duration::from_secs(10)
+        );
+        assert_eq!(c.lockout.max_failures, 10);
+        let p = &c.postgres[0];
+        assert_eq!(
+            (p.auth, p.tls, p.deny_superuser),
+            (PgAuthMode::Scram, ListenerTls::Required, true)
+        );
+    }
+
+    #[test]
+    fn errors_are_located() {
+        let cases = [
+            (format!("{MIN}bogus = 1\n"), 9, "unknown field"),
+            (MIN.replace("127.0.0.1:1", "nowhere"), 6, "not an ip:port"),
+            (format!("{MIN}allow = [\"10.0.0.0/33\"]\n"), 9, "not a CIDR"),
+            (
+                format!("[limits]\nhandshake_timeout = \"soon\"\n{MIN}"),
+                2,
+                "bad duration",
+            ),
+            (
+                MIN.replace("key = \"k\"", "key = \"k\"\nmin_version = \"1.0\""),
+                4,
+                "min_version",
+            ),
+            (
+                format!("{MIN}upstream_password = \"x\"\n"),
+                9,
+                "inline secrets",
+            ),
+            (format!("{MIN}auth = \"ldap\"\n"), 9, "expected scram"),
+            (
+                format!("{MIN}[[redis]]\nname = \"r\"\n"),
+                9,
+                "not supported",
+            ),
+        ];
+        for (body, line, text) in cases {
+            let e = load_str(&body).unwrap_err();
+            assert_eq!(e.line, Some(line), "{e}");
+            assert!(e.to_string().contains(text), "{e}");
+        }
+    }
+
+    #[test]
+    fn secrets_never_print() {
+        let s = SecretRef::Env("PORTCULLIS_TEST_SECRET_X".into());
+        assert!(s.read().is_err());
+        let f = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(f.path(), "hunter2\n").unwrap();
+        let secret = SecretRef::File(f.path().to_path_buf()).read().unwrap();
+        assert_eq!(secret.expose(), "hunter2");
+        assert!(!format!("{secret:?}").contains("hunter2"));
+    }
+}
