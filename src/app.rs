@@ -57,8 +57,6 @@ pub struct Shared {
     pub tracker: TaskTracker,
     /// True while draining (`/readyz` answers 503).
     pub draining: AtomicBool,
-    /// Per-process secret for mock SCRAM salts (unknown users look like known ones).
-    pub mock_secret: [u8; 32],
 }
 
 impl Shared {
@@ -100,8 +98,6 @@ impl Running {
     pub async fn start(config: Config) -> Result<Running, AppError> {
         let tls = TlsState::new(&config.tls)?;
         let metrics = Metrics::new();
-        let mut mock_secret = [0u8; 32];
-        rand::fill(&mut mock_secret);
         let shared = Arc::new(Shared {
             lockout: Lockout::new(&config.lockout),
             config: RwLock::new(Arc::new(config.clone())),
@@ -112,7 +108,6 @@ impl Running {
             kill: CancellationToken::new(),
             tracker: TaskTracker::new(),
             draining: AtomicBool::new(false),
-            mock_secret,
         });
         if let Some(t) = shared.tls.current().not_after {
             shared.metrics.cert_expiry("server", t);

@@ -509,3 +509,119 @@ async fn users_file_change_rotates_a_client_password() {
         p.metrics()
     );
 }
+
+#[tokio::test]
+async fn passthrough_over_upstream_tls_explains_channel_binding() {
+    let c = certs().display().to_string();
+    let p = proxy(
+        "",
+        &format!("auth = \"passthrough\"\nupstream_tls = {{ ca = \"{c}/ca.crt\", server_name = \"localhost\" }}"),
+    )
+    .await;
+    let pw = &pg().runtime_password;
+    // A TLS client not offered -PLUS answers 'y'; PostgreSQL on TLS would call that a downgrade.
+    let e = connect(p.port(), "app_runtime", pw, "")
+        .await
+        .expect_err("refused with a reason");
+    assert_eq!(
+        db_error(&e),
+        (
+            "08P01".into(),
+            "channel binding cannot pass through this proxy: connect with channel_binding=disable"
+                .into()
+        )
+    );
+    let c = connect(p.port(), "app_runtime", pw, "channel_binding=disable")
+        .await
+        .expect("works without binding");
+    let ssl: bool = c
+        .query_one(
+            "select ssl from pg_stat_ssl where pid = pg_backend_pid()",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(ssl);
+}
+
+#[tokio::test]
+async fn session_ends_when_the_upstream_backend_is_terminated() {
+    let p = proxy("", "").await;
+    let c = connect(p.port(), "app", APP_PASSWORD, "").await.unwrap();
+    let pid: i32 = c
+        .query_one("select pg_backend_pid()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let active = r#"portcullis_connections_active{listener="main",protocol="postgres"}"#;
+    assert!(p.metrics().contains(&format!("{active} 1")));
+    pg().psql_admin(&format!("select pg_terminate_backend({pid})"))
+        .unwrap();
+    // The client stays idle (sends nothing): the proxy must still end the session.
+    let mut ended = false;
+    for _ in 0..40 {
+        if p.metrics().contains(&format!("{active} 0")) {
+            ended = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        ended,
+        "session ended by the upstream's close: {}",
+        p.metrics()
+    );
+    let e = c
+        .simple_query("select 1")
+        .await
+        .expect_err("connection is gone");
+    assert!(
+        e.is_closed() || e.as_db_error().is_some_and(|d| d.code().code() == "57P01"),
+        "{e}"
+    );
+}
+
+#[tokio::test]
+async fn drain_deadline_ends_idle_sessions_with_57p01() {
+    let p = proxy("[limits]\ndrain_timeout = \"300ms\"\n", "").await;
+    let conn_str = format!(
+        "host=localhost port={} user=app password={APP_PASSWORD} dbname=app sslmode=require",
+        p.port()
+    );
+    let (client, conn) = conn_str
+        .parse::<tokio_postgres::Config>()
+        .unwrap()
+        .connect(tokio_postgres_rustls::MakeRustlsConnect::new(client_tls(
+            false,
+        )))
+        .await
+        .unwrap();
+    let conn_result = tokio::spawn(conn);
+    assert_eq!(
+        client
+            .query_one("select 1", &[])
+            .await
+            .unwrap()
+            .get::<_, i32>(0),
+        1
+    );
+    let Proxy {
+        running, dir: _dir, ..
+    } = p;
+    tokio::time::timeout(Duration::from_secs(5), running.drain())
+        .await
+        .expect("drain finishes");
+    let res = tokio::time::timeout(Duration::from_secs(2), conn_result)
+        .await
+        .unwrap()
+        .unwrap();
+    let e = res.expect_err("the connection was ended");
+    assert_eq!(
+        db_error(&e),
+        (
+            "57P01".into(),
+            "terminating connection due to administrator command".into()
+        )
+    );
+}

@@ -24,6 +24,21 @@ pub struct Lockout {
     entries: DashMap<IpAddr, Entry>,
 }
 
+/// The lockout key of a source: IPv4 addresses as they are, IPv6 by /64 (a client usually
+/// owns a whole /64, so per-address counting would be trivially evaded).
+pub fn source_key(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => {
+                let s = v6.segments();
+                IpAddr::V6(std::net::Ipv6Addr::new(s[0], s[1], s[2], s[3], 0, 0, 0, 0))
+            }
+        },
+        v4 => v4,
+    }
+}
+
 impl Lockout {
     /// A lockout table with the configured thresholds.
     pub fn new(cfg: &LockoutConfig) -> Lockout {
@@ -41,6 +56,7 @@ impl Lockout {
     }
 
     fn is_locked_at(&self, ip: IpAddr, now: Instant) -> bool {
+        let ip = source_key(ip);
         self.entries
             .get(&ip)
             .and_then(|e| e.banned_until)
@@ -56,6 +72,7 @@ impl Lockout {
         if self.max_failures == 0 {
             return false;
         }
+        let ip = source_key(ip);
         let mut e = self.entries.entry(ip).or_default();
         while e
             .failures
@@ -111,6 +128,16 @@ mod tests {
         assert!(l.is_locked_at(ip, t0 + Duration::from_secs(3)));
         assert!(!l.is_locked_at(other, t0 + Duration::from_secs(3)));
         assert!(!l.is_locked_at(ip, t0 + Duration::from_secs(303)));
+    }
+
+    #[test]
+    fn ipv6_sources_count_per_64() {
+        let l = table(2);
+        let t0 = Instant::now();
+        assert!(!l.record_failure_at("2001:db8:1:2::1".parse().unwrap(), t0));
+        assert!(l.record_failure_at("2001:db8:1:2:ffff::9".parse().unwrap(), t0));
+        assert!(l.is_locked_at("2001:db8:1:2::77".parse().unwrap(), t0));
+        assert!(!l.is_locked_at("2001:db8:1:3::1".parse().unwrap(), t0));
     }
 
     #[test]

@@ -106,19 +106,42 @@ impl ScramVerifier {
         }
     }
 
-    /// A stable fake verifier for a user that does not exist, so the exchange looks the same
-    /// (salt derived from the name and a per-process secret, like PostgreSQL's mock salt).
-    pub fn mock(user: &str, process_secret: &[u8; 32]) -> ScramVerifier {
-        let salt = hmac(process_secret, user.as_bytes());
+    /// A stable fake verifier for a user that does not exist, so the exchange looks the same:
+    /// the salt is derived from the name and a secret that survives restarts (PostgreSQL keeps
+    /// its mock nonce in pg_control for the same reason), and `iterations` is the users file's
+    /// usual count.
+    pub fn mock(user: &str, secret: &[u8; 32], iterations: u32) -> ScramVerifier {
+        let salt = hmac(secret, user.as_bytes());
         let mut key = [0u8; 32];
         rand::fill(&mut key);
         ScramVerifier {
-            iterations: 4096,
+            iterations,
             salt: salt[..16].to_vec(),
             stored_key: key,
             server_key: key,
         }
     }
+}
+
+/// Most iterations the proxy computes for an upstream's SCRAM challenge (PostgreSQL uses 4096).
+pub const MAX_UPSTREAM_ITERATIONS: u32 = 1_000_000;
+
+/// Salt and iteration count of a server-first message (to compute SaltedPassword off the
+/// async workers before answering).
+pub fn server_first_params(server_first: &[u8]) -> Result<(Vec<u8>, u32), ScramError> {
+    let msg = std::str::from_utf8(server_first).map_err(|_| ScramError::Malformed)?;
+    let mut parts = msg.split(',');
+    let _nonce = attr(&mut parts, 'r')?;
+    let salt = B64
+        .decode(attr(&mut parts, 's')?)
+        .map_err(|_| ScramError::Malformed)?;
+    let iterations: u32 = attr(&mut parts, 'i')?
+        .parse()
+        .map_err(|_| ScramError::Malformed)?;
+    if iterations == 0 || iterations > MAX_UPSTREAM_ITERATIONS {
+        return Err(ScramError::Malformed);
+    }
+    Ok((salt, iterations))
 }
 
 /// What the client's gs2 header said about channel binding.
@@ -419,6 +442,29 @@ mod tests {
             s.finish(fin.as_bytes(), Some(b"HASH")).unwrap_err(),
             ScramError::ChannelBinding
         );
+    }
+
+    #[test]
+    fn mock_salt_is_stable_per_user_and_secret() {
+        let a = ScramVerifier::mock("ghost", &[7; 32], 4096);
+        let b = ScramVerifier::mock("ghost", &[7; 32], 4096);
+        let c = ScramVerifier::mock("ghost2", &[7; 32], 4096);
+        let d = ScramVerifier::mock("ghost", &[8; 32], 4096);
+        assert_eq!(a.salt, b.salt);
+        assert_ne!(a.salt, c.salt);
+        assert_ne!(a.salt, d.salt);
+        assert_eq!(ScramVerifier::mock("x", &[7; 32], 10000).iterations, 10000);
+    }
+
+    #[test]
+    fn upstream_challenge_limits() {
+        assert_eq!(
+            server_first_params(b"r=abc,s=c2FsdA==,i=4096").unwrap(),
+            (b"salt".to_vec(), 4096)
+        );
+        assert!(server_first_params(b"r=abc,s=c2FsdA==,i=0").is_err());
+        assert!(server_first_params(b"r=abc,s=c2FsdA==,i=4000000000").is_err());
+        assert!(server_first_params(b"r=abc,i=4096").is_err());
     }
 
     #[test]

@@ -63,6 +63,9 @@ pub struct Users {
     by_subject: HashMap<String, String>,
 }
 
+/// PostgreSQL's default SCRAM iteration count.
+const DEFAULT_ITERATIONS: u32 = 4096;
+
 impl Users {
     /// Loads and validates a users file.
     pub fn load(path: &Path) -> Result<Users, ConfigError> {
@@ -136,6 +139,23 @@ impl Users {
             .into_iter()
             .find_map(|s| self.by_subject.get(s))
             .and_then(|n| self.by_name.get(n))
+    }
+
+    /// The most common SCRAM iteration count among the verifiers (4096 when none), so a mock
+    /// exchange for an unknown user looks like a real one.
+    pub fn mock_iterations(&self) -> u32 {
+        let mut counts: HashMap<u32, usize> = HashMap::new();
+        for v in self
+            .by_name
+            .values()
+            .filter_map(|u| u.postgres_scram.as_ref())
+        {
+            *counts.entry(v.iterations).or_default() += 1;
+        }
+        counts
+            .into_iter()
+            .max_by_key(|(i, n)| (*n, *i))
+            .map_or(DEFAULT_ITERATIONS, |(i, _)| i)
     }
 
     /// Number of users (for logs).

@@ -16,11 +16,26 @@ use crate::app::Shared;
 use crate::audit::{Event, Record};
 use crate::metrics::{ConnOutcome, Protocol};
 
-/// Open-connection counts, global and per source address.
+/// Open-connection counts, global and per source address (IPv6 by /64).
 #[derive(Debug, Default)]
 pub struct ConnCounter {
     total: AtomicUsize,
     per_source: DashMap<IpAddr, usize>,
+    refusing: AtomicUsize,
+}
+
+/// Connections over the limit that are being told so (in the protocol's words) at once; past
+/// this, excess connections are closed without a word so a flood cannot pin descriptors.
+const MAX_REFUSING: usize = 256;
+
+/// A slot for answering one over-the-limit connection; released on drop.
+#[derive(Debug)]
+pub struct RefusalSlot(Arc<ConnCounter>);
+
+impl Drop for RefusalSlot {
+    fn drop(&mut self) {
+        self.0.refusing.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 /// Holds one slot in the counters; released on drop.
@@ -46,11 +61,11 @@ impl Drop for ConnPermit {
     }
 }
 
-/// Why admission said no (the protocol answers it, e.g. SQLSTATE 53300).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// Why admission said no (the protocol answers it, e.g. SQLSTATE 53300, within a short deadline).
+#[derive(Debug)]
 pub enum AdmitRefusal {
     /// Global, per-listener or per-source limit reached.
-    LimitReached,
+    LimitReached(RefusalSlot),
 }
 
 /// What the accept loop hands a protocol handler.
@@ -100,12 +115,15 @@ fn allowed(allow: &[IpNet], ip: IpAddr) -> bool {
     allow.is_empty() || allow.iter().any(|n| n.contains(&ip))
 }
 
+/// `Ok(Ok(permit))` admitted, `Ok(Err(_))` over a limit but answerable, `Err(())` drop now.
+#[allow(clippy::result_unit_err)]
 fn admit(
     shared: &Shared,
     spec: &ListenerSpec,
     listener_count: &Arc<AtomicUsize>,
     ip: IpAddr,
-) -> Result<ConnPermit, AdmitRefusal> {
+) -> Result<Result<ConnPermit, AdmitRefusal>, ()> {
+    let ip = crate::auth::lockout::source_key(ip);
     let limits = shared.config().limits.clone();
     let counter = shared.conns.clone();
     let total = counter.total.fetch_add(1, Ordering::Relaxed) + 1;
@@ -128,9 +146,14 @@ fn admit(
         || spec.max_connections.is_some_and(|m| on_listener > m)
     {
         drop(permit);
-        return Err(AdmitRefusal::LimitReached);
+        let counter = shared.conns.clone();
+        if counter.refusing.fetch_add(1, Ordering::Relaxed) >= MAX_REFUSING {
+            counter.refusing.fetch_sub(1, Ordering::Relaxed);
+            return Err(());
+        }
+        return Ok(Err(AdmitRefusal::LimitReached(RefusalSlot(counter))));
     }
-    Ok(permit)
+    Ok(Ok(permit))
 }
 
 /// Accepts until shutdown; each admitted connection runs `handle` in its own task, tracked
@@ -175,7 +198,14 @@ pub async fn accept_loop<F, Fut>(
             continue;
         }
         let _ = tcp.set_nodelay(true);
-        let admission = admit(&shared, &spec, &listener_count, peer.ip());
+        crate::net::set_keepalive(&tcp);
+        let Ok(admission) = admit(&shared, &spec, &listener_count, peer.ip()) else {
+            shared
+                .metrics
+                .connection(&spec.name, spec.protocol, ConnOutcome::LimitReached);
+            drop(tcp);
+            continue;
+        };
         let span =
             tracing::info_span!("conn", listener = %spec.name, session = %session, peer = %peer);
         let fut = handle(Accepted {

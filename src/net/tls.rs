@@ -112,6 +112,9 @@ pub struct Served {
     pub end_point: Vec<u8>,
     /// notAfter of the served leaf, Unix seconds.
     pub not_after: Option<i64>,
+    /// A secret derived from the private key (stable across restarts, changes with the key):
+    /// keys the mock SCRAM salts of unknown users.
+    pub mock_secret: [u8; 32],
     /// Content hash of the files, to notice changes.
     fingerprint: Vec<u8>,
 }
@@ -135,6 +138,12 @@ impl Served {
         let fingerprint = fingerprint(cfg);
         let certs = load_certs(&cfg.cert)?;
         let key = load_key(&cfg.key)?;
+        let mock_secret: [u8; 32] = {
+            let mut h = sha2::Sha256::new();
+            h.update(b"portcullis mock SCRAM salt v1\0");
+            h.update(key.secret_der());
+            h.finalize().into()
+        };
         let end_point = server_end_point(&certs[0]);
         let not_after = not_after(&certs[0]);
         let provider = provider();
@@ -168,6 +177,7 @@ impl Served {
             plain: build(vec![])?,
             end_point,
             not_after,
+            mock_secret,
             fingerprint,
         })
     }

@@ -89,5 +89,6 @@ pub async fn dial(addr: &str, deadline: Duration) -> Result<TcpStream, UpstreamE
         .map_err(|_| UpstreamError::Timeout(deadline))?
         .map_err(UpstreamError::Connect)?;
     let _ = tcp.set_nodelay(true);
+    super::set_keepalive(&tcp);
     Ok(tcp)
 }

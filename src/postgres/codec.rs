@@ -126,6 +126,17 @@ impl Body {
         self.0.advance(1);
         Ok(s)
     }
+    /// A NUL-terminated string of any bytes (invalid UTF-8 replaced).
+    pub fn cstr_lossy(&mut self) -> Result<String, CodecError> {
+        let nul = self
+            .0
+            .iter()
+            .position(|b| *b == 0)
+            .ok_or(CodecError::Malformed("unterminated string"))?;
+        let s = String::from_utf8_lossy(&self.0.split_to(nul)).into_owned();
+        self.0.advance(1);
+        Ok(s)
+    }
     /// `n` raw bytes.
     pub fn bytes(&mut self, n: usize) -> Result<Bytes, CodecError> {
         if self.0.remaining() < n {

@@ -3,7 +3,9 @@
 //! login with runtime credentials, and byte forwarding after ReadyForQuery.
 
 pub mod cancel;
+mod client_auth;
 pub mod codec;
+mod forward;
 pub mod reply;
 pub mod session;
 pub mod startup;
@@ -150,14 +152,31 @@ impl PgListener {
         Ok(())
     }
 
-    /// SaltedPassword for an upstream SCRAM login, cached so reconnects skip the PBKDF2 work.
-    pub fn salted_password(&self, password: &str, salt: &[u8], iterations: u32) -> [u8; 32] {
+    fn salted_key(password: &str, salt: &[u8], iterations: u32) -> [u8; 32] {
         let mut h = sha2::Sha256::new();
         h.update(password.as_bytes());
         h.update([0]);
         h.update(salt);
         h.update(iterations.to_be_bytes());
-        let key: [u8; 32] = h.finalize().into();
+        h.finalize().into()
+    }
+
+    /// A cached SaltedPassword, if this (password, salt, iterations) was computed before.
+    pub fn cached_salted_password(
+        &self,
+        password: &str,
+        salt: &[u8],
+        iterations: u32,
+    ) -> Option<[u8; 32]> {
+        self.salted
+            .get(&Self::salted_key(password, salt, iterations))
+            .map(|v| *v)
+    }
+
+    /// SaltedPassword for an upstream SCRAM login (PBKDF2; call off the async workers), cached
+    /// so reconnects skip the work.
+    pub fn salted_password(&self, password: &str, salt: &[u8], iterations: u32) -> [u8; 32] {
+        let key = Self::salted_key(password, salt, iterations);
         if let Some(v) = self.salted.get(&key) {
             return *v;
         }
@@ -168,5 +187,36 @@ impl PgListener {
         }
         self.salted.insert(key, v);
         v
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn salted_password_cache_is_keyed_by_password_salt_and_iterations() {
+        let cfg = crate::config::PostgresListener {
+            name: "t".into(),
+            listen: "127.0.0.1:0".parse().unwrap(),
+            upstream: "127.0.0.1:1".into(),
+            auth: crate::config::PgAuthMode::Passthrough,
+            tls: crate::config::ListenerTls::Required,
+            users_file: None,
+            upstream_user: None,
+            upstream_password: None,
+            deny_users: vec![],
+            deny_superuser: true,
+            allow: vec![],
+            max_connections: None,
+            upstream_tls: None,
+        };
+        let l = PgListener::new(&cfg).unwrap();
+        assert!(l.cached_salted_password("pw", b"salt", 4096).is_none());
+        let a = l.salted_password("pw", b"salt", 4096);
+        assert_eq!(l.cached_salted_password("pw", b"salt", 4096), Some(a));
+        assert_eq!(a, crate::auth::scram::salted_password(b"pw", b"salt", 4096));
+        assert!(l.cached_salted_password("pw2", b"salt", 4096).is_none());
+        assert!(l.cached_salted_password("pw", b"salt", 4097).is_none());
     }
 }

@@ -32,19 +32,22 @@ impl Startup {
         if major != 3 {
             return Err(PgRefusal::UnsupportedProtocol(major, minor));
         }
-        let mut params = Vec::new();
+        let mut params: Vec<(String, String)> = Vec::new();
         let mut unsupported_options = Vec::new();
         loop {
             let k = b.cstr().map_err(|_| bad("expected string"))?;
             if k.is_empty() {
                 break;
             }
+            // Values are any bytes to PostgreSQL (e.g. a Latin-1 application_name).
             let v = b
-                .cstr()
+                .cstr_lossy()
                 .map_err(|_| bad("expected terminator as last byte"))?;
             if k.starts_with("_pq_.") {
                 unsupported_options.push(k);
             } else {
+                // A repeated name: PostgreSQL keeps the last value, so do we (one check, one forward).
+                params.retain(|(existing, _)| *existing != k);
                 params.push((k, v));
             }
         }
@@ -133,6 +136,47 @@ fn split_options(s: &str) -> Vec<String> {
     out
 }
 
+/// Switches of the postgres backend that take an argument (its getopt string
+/// `B:bc:C:D:d:EeFf:h:ijk:lN:nOPp:r:S:sTt:v:W:-:`).
+const SWITCHES_WITH_ARG: &[u8] = b"BcCDdfhkNprStvW-";
+
+/// The GUC names that `options` sets, walking the tokens as PostgreSQL's getopt does
+/// (grouped flags such as `-ecrole=x`, and `-c`/`--` with the value in the next token).
+fn option_gucs(tokens: &[String]) -> Vec<String> {
+    let mut names = Vec::new();
+    let mut i = 0;
+    while i < tokens.len() {
+        let tok = tokens[i].as_bytes();
+        i += 1;
+        if tok.first() != Some(&b'-') || tok.len() < 2 {
+            continue; // getopt stops at non-options; PostgreSQL then errors out. Nothing set.
+        }
+        let mut j = 1;
+        while j < tok.len() {
+            let flag = tok[j];
+            j += 1;
+            if !SWITCHES_WITH_ARG.contains(&flag) {
+                continue;
+            }
+            let arg = if j < tok.len() {
+                String::from_utf8_lossy(&tok[j..]).into_owned()
+            } else if i < tokens.len() {
+                i += 1;
+                tokens[i - 1].clone()
+            } else {
+                String::new()
+            };
+            if (flag == b'c' || flag == b'-')
+                && let Some((name, _)) = arg.split_once('=')
+            {
+                names.push(name.to_string());
+            }
+            break;
+        }
+    }
+    names
+}
+
 /// First layer of DESIGN §2a: refuse by name (deny_users, case-insensitive), replication
 /// connections, and any attempt to set role/session_authorization at login.
 pub fn check_login(s: &Startup, deny_users: &[String]) -> Result<(), LoginRejection> {
@@ -154,15 +198,9 @@ pub fn check_login(s: &Startup, deny_users: &[String]) -> Result<(), LoginReject
         });
     }
     let role_param = s.params.iter().any(|(k, _)| sets_role(k));
-    let role_option = s.get("options").is_some_and(|o| {
-        split_options(o).iter().any(|tok| {
-            let t = tok
-                .strip_prefix("--")
-                .or_else(|| tok.strip_prefix("-c"))
-                .unwrap_or(tok);
-            t.split_once('=').is_some_and(|(name, _)| sets_role(name))
-        })
-    });
+    let role_option = s
+        .get("options")
+        .is_some_and(|o| option_gucs(&split_options(o)).iter().any(|n| sets_role(n)));
     if role_param || role_option {
         return Err(LoginRejection {
             reason: PgRejectReason::RoleOption,

@@ -9,7 +9,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use super::PgListener;
 use super::codec::{self, Body, MsgReader};
-use crate::auth::scram::{SCRAM_SHA_256, ScramClient};
+use crate::auth::scram::{SCRAM_SHA_256, ScramClient, server_first_params};
 use crate::config::Secret;
 use crate::net::stream::Stream;
 use crate::net::upstream::{UpstreamError, dial};
@@ -58,13 +58,12 @@ pub enum LoginError {
     Error(UpstreamErrorResponse),
 }
 
-/// Sends the StartupMessage and authenticates as `user` with `password`; returns the stream
+/// Sends the StartupMessage (its `user` is the runtime role) and authenticates with `password`; returns the stream
 /// positioned right after AuthenticationOk.
 pub async fn login(
-    l: &PgListener,
+    l: &std::sync::Arc<PgListener>,
     io: Stream,
     params: &[(String, String)],
-    user: &str,
     password: Option<&Secret>,
 ) -> Result<MsgReader<Stream>, LoginError> {
     let mut r = MsgReader::new(io, BytesMut::new());
@@ -107,28 +106,27 @@ pub async fn login(
             })
         };
         match code {
-            0 => return Ok(r),
-            3 => {
-                let mut pw = need_pw()?.expose().as_bytes().to_vec();
-                pw.push(0);
-                codec::send(&mut r.io, &codec::password_message(&pw))
-                    .await
-                    .map_err(protocol)?;
-            }
-            5 => {
-                let salt: [u8; 4] = b.bytes(4).map_err(protocol)?[..]
-                    .try_into()
-                    .map_err(protocol)?;
-                let mut h = postgres_protocol::authentication::md5_hash(
-                    user.as_bytes(),
-                    need_pw()?.expose().as_bytes(),
-                    salt,
+            // AuthenticationOk in the middle of SCRAM would skip the server's proof.
+            0 if scram.is_some() || scram_final.is_some() => {
+                return Err(UpstreamError::Refused(
+                    "upstream skipped the SCRAM server proof".into(),
                 )
-                .into_bytes();
-                h.push(0);
-                codec::send(&mut r.io, &codec::password_message(&h))
-                    .await
-                    .map_err(protocol)?;
+                .into());
+            }
+            0 => return Ok(r),
+            // Cleartext and MD5 would hand the runtime secret (or an offline-crackable hash) to
+            // whoever answers on the upstream address: the proxy logs in with SCRAM only.
+            3 | 5 => {
+                return Err(UpstreamError::Refused(format!(
+                    "upstream asked for {} authentication; the proxy only uses SCRAM-SHA-256 \
+                     (set password_encryption = 'scram-sha-256' and reset the role's password)",
+                    if code == 3 {
+                        "cleartext password"
+                    } else {
+                        "MD5"
+                    }
+                ))
+                .into());
             }
             10 => {
                 let mut mechs = Vec::new();
@@ -160,8 +158,24 @@ pub async fn login(
                     .take()
                     .ok_or_else(|| protocol("SASLContinue without SASL"))?;
                 let pw = need_pw()?.expose().to_string();
+                let server_first = b.rest();
+                let (salt, iterations) = server_first_params(&server_first).map_err(|e| {
+                    UpstreamError::Refused(format!("upstream SCRAM challenge: {e}"))
+                })?;
+                let salted = match l.cached_salted_password(&pw, &salt, iterations) {
+                    Some(v) => v,
+                    None => {
+                        // PBKDF2 is CPU work: keep it off the async workers.
+                        let l2 = l.clone();
+                        tokio::task::spawn_blocking(move || {
+                            l2.salted_password(&pw, &salt, iterations)
+                        })
+                        .await
+                        .map_err(protocol)?
+                    }
+                };
                 let (fin, msg) = client
-                    .respond(&b.rest(), |salt, iters| l.salted_password(&pw, salt, iters))
+                    .respond(&server_first, |_, _| salted)
                     .map_err(|e| UpstreamError::Refused(e.to_string()))?;
                 scram_final = Some(fin);
                 codec::send(&mut r.io, &codec::password_message(msg.as_bytes()))
