@@ -19,3 +19,5 @@ pub mod demo;
 pub mod metrics;
 pub mod net;
 pub mod postgres;
+pub mod redis;
+pub mod policy;

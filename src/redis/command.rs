@@ -1,0 +1,359 @@
+//! The command table: arity, flags, ACL categories and key positions of every command, read
+//! from the upstream's `COMMAND` reply (so modules and versions are exact), with a snapshot of
+//! Redis 7.0.15's reply built in as the fallback.
+
+use std::collections::HashMap;
+
+use bytes::Bytes;
+use redis_protocol::resp2::types::OwnedFrame;
+
+use crate::policy::redis_acl::{CommandRef, Keys};
+
+/// `COMMAND` of Redis 7.0.15, captured raw.
+const SNAPSHOT: &[u8] = include_bytes!("commands-7.0.15.resp");
+
+/// Where a command's keys start (a key spec's begin_search).
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum BeginSearch {
+    Index(i64),
+    Keyword { keyword: String, startfrom: i64 },
+}
+
+/// How many keys follow (a key spec's find_keys).
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum FindKeys {
+    Range { lastkey: i64, keystep: i64, limit: i64 },
+    KeyNum { keynumidx: i64, firstkey: i64, keystep: i64 },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct KeySpec {
+    begin: BeginSearch,
+    find: FindKeys,
+    /// Key spec flags (RW, OW, RM, RO, access, update, insert, delete, …), upper/lower as Redis sends them.
+    flags: Vec<String>,
+}
+
+/// One command (or subcommand).
+#[derive(Debug, Clone)]
+pub struct CommandInfo {
+    /// Lowercase ACL name: `get`, `client|setname`.
+    pub name: String,
+    /// Arity: positive = exact argument count (with the name), negative = at least.
+    pub arity: i64,
+    /// Flags (`write`, `readonly`, `movablekeys`, …).
+    pub flags: Vec<String>,
+    /// ACL categories without `@`.
+    pub categories: Vec<String>,
+    key_specs: Vec<KeySpec>,
+    first_key: i64,
+    last_key: i64,
+    step: i64,
+    subcommands: HashMap<String, CommandInfo>,
+}
+
+impl CommandInfo {
+    /// The top-level name (`client` for `client|setname`).
+    pub fn parent(&self) -> &str {
+        self.name.split('|').next().unwrap_or(&self.name)
+    }
+
+    /// True when the argument count fits the arity (args include the command name).
+    pub fn arity_ok(&self, argc: usize) -> bool {
+        let argc = argc as i64;
+        if self.arity >= 0 { argc == self.arity } else { argc >= -self.arity }
+    }
+
+    /// True when the command has this flag.
+    pub fn has_flag(&self, f: &str) -> bool {
+        self.flags.iter().any(|x| x.eq_ignore_ascii_case(f))
+    }
+
+    /// The identity policy decides on.
+    pub fn acl_ref<'a>(&'a self, first_arg: Option<&'a str>) -> CommandRef<'a> {
+        CommandRef { name: &self.name, parent: self.parent(), categories: &self.categories, first_arg }
+    }
+
+    /// The keys of a call `args` (args[0] is the command name), from the key specs, or the
+    /// legacy (first, last, step) triple when there are none.
+    pub fn keys<'a>(&self, args: &'a [Bytes]) -> Keys<'a> {
+        let mut out: Vec<&'a [u8]> = Vec::new();
+        let argc = args.len() as i64;
+        if self.key_specs.is_empty() {
+            if self.has_flag("movablekeys") {
+                return Keys::Unresolvable;
+            }
+            if self.first_key > 0 {
+                let last = if self.last_key < 0 { argc + self.last_key } else { self.last_key };
+                let mut i = self.first_key;
+                while i <= last && i < argc {
+                    out.push(&args[i as usize]);
+                    i += self.step.max(1);
+                }
+            }
+            return Keys::Known(out);
+        }
+        for spec in &self.key_specs {
+            let start = match &spec.begin {
+                BeginSearch::Index(i) => *i,
+                BeginSearch::Keyword { keyword, startfrom } => {
+                    let found = if *startfrom >= 0 {
+                        (*startfrom..argc).find(|i| args[*i as usize].eq_ignore_ascii_case(keyword.as_bytes()))
+                    } else {
+                        (1..=(argc + startfrom)).rev().find(|i| args[*i as usize].eq_ignore_ascii_case(keyword.as_bytes()))
+                    };
+                    match found {
+                        Some(i) => i + 1,
+                        None => continue, // keyword absent: this spec has no keys in this call
+                    }
+                }
+            };
+            if start <= 0 || start > argc {
+                continue;
+            }
+            match &spec.find {
+                FindKeys::Range { lastkey, keystep, limit } => {
+                    let step = (*keystep).max(1);
+                    let last = if *lastkey >= 0 {
+                        start + lastkey
+                    } else if *limit > 1 {
+                        start + (argc - start) / limit - 1
+                    } else {
+                        argc + lastkey
+                    };
+                    let mut i = start;
+                    while i <= last && i < argc {
+                        out.push(&args[i as usize]);
+                        i += step;
+                    }
+                }
+                FindKeys::KeyNum { keynumidx, firstkey, keystep } => {
+                    let idx = start + keynumidx;
+                    let Some(n) = args
+                        .get(idx as usize)
+                        .and_then(|a| std::str::from_utf8(a).ok())
+                        .and_then(|s| s.parse::<i64>().ok())
+                    else {
+                        return Keys::Unresolvable;
+                    };
+                    if n < 0 {
+                        return Keys::Unresolvable;
+                    }
+                    let first = start + firstkey;
+                    let step = (*keystep).max(1);
+                    for k in 0..n {
+                        let i = first + k * step;
+                        match args.get(i as usize) {
+                            Some(a) => out.push(a),
+                            None => return Keys::Unresolvable,
+                        }
+                    }
+                }
+            }
+        }
+        Keys::Known(out)
+    }
+}
+
+/// All commands, by lowercase name.
+#[derive(Debug, Clone, Default)]
+pub struct CommandTable {
+    commands: HashMap<String, CommandInfo>,
+    /// True when this came from the built-in snapshot, not the upstream.
+    pub fallback: bool,
+}
+
+fn text(f: &OwnedFrame) -> Option<String> {
+    match f {
+        OwnedFrame::SimpleString(b) | OwnedFrame::BulkString(b) => Some(String::from_utf8_lossy(b).into_owned()),
+        _ => None,
+    }
+}
+
+fn int(f: &OwnedFrame) -> Option<i64> {
+    match f {
+        OwnedFrame::Integer(i) => Some(*i),
+        _ => None,
+    }
+}
+
+fn arr(f: &OwnedFrame) -> &[OwnedFrame] {
+    match f {
+        OwnedFrame::Array(a) => a,
+        _ => &[],
+    }
+}
+
+/// A flat `[k, v, k, v]` array as a lookup.
+fn field<'a>(a: &'a [OwnedFrame], key: &str) -> Option<&'a OwnedFrame> {
+    a.chunks(2).find(|kv| text(&kv[0]).is_some_and(|k| k == key)).and_then(|kv| kv.get(1))
+}
+
+fn key_spec(f: &OwnedFrame) -> Option<KeySpec> {
+    let a = arr(f);
+    let flags = arr(field(a, "flags")?).iter().filter_map(text).collect();
+    let bs = arr(field(a, "begin_search")?);
+    let bs_spec = arr(field(bs, "spec")?);
+    let begin = match text(field(bs, "type")?)?.as_str() {
+        "index" => BeginSearch::Index(int(field(bs_spec, "index")?)?),
+        "keyword" => BeginSearch::Keyword {
+            keyword: text(field(bs_spec, "keyword")?)?,
+            startfrom: int(field(bs_spec, "startfrom")?)?,
+        },
+        _ => return None,
+    };
+    let fk = arr(field(a, "find_keys")?);
+    let fk_spec = arr(field(fk, "spec")?);
+    let find = match text(field(fk, "type")?)?.as_str() {
+        "range" => FindKeys::Range {
+            lastkey: int(field(fk_spec, "lastkey")?)?,
+            keystep: int(field(fk_spec, "keystep")?)?,
+            limit: int(field(fk_spec, "limit")?)?,
+        },
+        "keynum" => FindKeys::KeyNum {
+            keynumidx: int(field(fk_spec, "keynumidx")?)?,
+            firstkey: int(field(fk_spec, "firstkey")?)?,
+            keystep: int(field(fk_spec, "keystep")?)?,
+        },
+        _ => return None,
+    };
+    Some(KeySpec { begin, find, flags })
+}
+
+fn parse_command(f: &OwnedFrame) -> Option<CommandInfo> {
+    let a = arr(f);
+    if a.len() < 7 {
+        return None;
+    }
+    let mut specs = Vec::new();
+    let mut movable_unknown = false;
+    if let Some(s) = a.get(8) {
+        for spec in arr(s) {
+            match key_spec(spec) {
+                Some(k) => specs.push(k),
+                None => movable_unknown = true, // an unknown spec type: treat keys as unresolvable
+            }
+        }
+    }
+    let mut info = CommandInfo {
+        name: text(&a[0])?.to_ascii_lowercase(),
+        arity: int(&a[1])?,
+        flags: arr(&a[2]).iter().filter_map(text).collect(),
+        first_key: int(&a[3])?,
+        last_key: int(&a[4])?,
+        step: int(&a[5])?,
+        categories: arr(&a[6]).iter().filter_map(text).map(|c| c.trim_start_matches('@').to_string()).collect(),
+        key_specs: specs,
+        subcommands: HashMap::new(),
+    };
+    if movable_unknown {
+        info.key_specs.clear();
+        info.flags.push("movablekeys".into());
+    }
+    if let Some(subs) = a.get(9) {
+        for s in arr(subs) {
+            if let Some(sub) = parse_command(s) {
+                let short = sub.name.split_once('|').map(|(_, s)| s.to_string()).unwrap_or_default();
+                info.subcommands.insert(short, sub);
+            }
+        }
+    }
+    Some(info)
+}
+
+impl CommandTable {
+    /// Builds the table from a raw RESP2 `COMMAND` reply.
+    pub fn from_reply(raw: &[u8]) -> Option<CommandTable> {
+        let (frame, _) = redis_protocol::resp2::decode::decode(raw).ok()??;
+        let mut commands = HashMap::new();
+        for c in arr(&frame) {
+            if let Some(info) = parse_command(c) {
+                commands.insert(info.name.clone(), info);
+            }
+        }
+        (!commands.is_empty()).then_some(CommandTable { commands, fallback: false })
+    }
+
+    /// The built-in Redis 7.0.15 table.
+    pub fn builtin() -> CommandTable {
+        let mut t = CommandTable::from_reply(SNAPSHOT).unwrap_or_default();
+        t.fallback = true;
+        t
+    }
+
+    /// Resolves `args` (args[0] = name) to the command or, for containers, the subcommand.
+    pub fn lookup(&self, args: &[Bytes]) -> Option<&CommandInfo> {
+        let name = std::str::from_utf8(args.first()?).ok()?.to_ascii_lowercase();
+        let top = self.commands.get(&name)?;
+        if top.subcommands.is_empty() {
+            return Some(top);
+        }
+        let sub = args.get(1).and_then(|s| std::str::from_utf8(s).ok()).map(|s| s.to_ascii_lowercase());
+        match sub.and_then(|s| top.subcommands.get(&s)) {
+            Some(s) => Some(s),
+            None => Some(top),
+        }
+    }
+
+    /// Number of top-level commands.
+    pub fn len(&self) -> usize {
+        self.commands.len()
+    }
+
+    /// True when empty.
+    pub fn is_empty(&self) -> bool {
+        self.commands.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(s: &str) -> Vec<Bytes> {
+        s.split(' ').map(|a| Bytes::copy_from_slice(a.as_bytes())).collect()
+    }
+
+    fn keys(t: &CommandTable, s: &str) -> Option<Vec<String>> {
+        let a = args(s);
+        match t.lookup(&a).unwrap().keys(&a) {
+            Keys::Known(k) => Some(k.iter().map(|k| String::from_utf8_lossy(k).into_owned()).collect()),
+            Keys::Unresolvable => None,
+        }
+    }
+
+    #[test]
+    fn builtin_snapshot_parses() {
+        let t = CommandTable::builtin();
+        assert!(t.fallback);
+        assert!(t.len() > 200, "{}", t.len());
+        let get = t.lookup(&args("GET k")).unwrap();
+        assert_eq!(get.name, "get");
+        assert!(get.categories.contains(&"read".to_string()));
+        let setname = t.lookup(&args("client SETNAME x")).unwrap();
+        assert_eq!(setname.name, "client|setname");
+        assert!(!setname.categories.contains(&"dangerous".to_string()));
+        let kill = t.lookup(&args("CLIENT kill x")).unwrap();
+        assert!(kill.categories.contains(&"dangerous".to_string()));
+        assert!(t.lookup(&args("FLUSHALL")).unwrap().categories.contains(&"dangerous".to_string()));
+        assert!(t.lookup(&args("nosuchcmd")).is_none());
+        assert!(get.arity_ok(2) && !get.arity_ok(3));
+        assert!(t.lookup(&args("mset a b")).unwrap().arity_ok(3));
+    }
+
+    #[test]
+    fn key_positions_from_key_specs() {
+        let t = CommandTable::builtin();
+        let k = |s| keys(&t, s);
+        assert_eq!(k("GET a"), Some(vec!["a".into()]));
+        assert_eq!(k("MSET a 1 b 2"), Some(vec!["a".into(), "b".into()]));
+        assert_eq!(k("MGET a b c"), Some(vec!["a".into(), "b".into(), "c".into()]));
+        assert_eq!(k("EVAL s 2 k1 k2 a1"), Some(vec!["k1".into(), "k2".into()]));
+        assert_eq!(k("EVAL s x k1"), None);
+        assert_eq!(k("XREAD COUNT 2 STREAMS s1 s2 0 0"), Some(vec!["s1".into(), "s2".into()]));
+        assert_eq!(k("ZUNIONSTORE dst 2 a b"), Some(vec!["dst".into(), "a".into(), "b".into()]));
+        assert_eq!(k("RENAME a b"), Some(vec!["a".into(), "b".into()]));
+        assert_eq!(k("PING"), Some(vec![]));
+        assert_eq!(k("BLPOP a b 0"), Some(vec!["a".into(), "b".into()]));
+    }
+}

@@ -1,0 +1,3 @@
+//! The Redis side (RESP2 and RESP3).
+
+pub mod command;
