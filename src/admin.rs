@@ -16,11 +16,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::app::Shared;
 
-fn respond(
-    status: StatusCode,
-    content_type: &str,
-    body: impl Into<Bytes>,
-) -> Response<Full<Bytes>> {
+fn respond(status: StatusCode, content_type: &str, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
     let mut r = Response::new(Full::new(body.into()));
     *r.status_mut() = status;
     if let Ok(v) = content_type.parse() {
@@ -32,18 +28,10 @@ fn respond(
 /// Routes one request.
 pub fn route(shared: &Shared, method: &Method, path: &str) -> Response<Full<Bytes>> {
     if method != Method::GET && method != Method::HEAD {
-        return respond(
-            StatusCode::METHOD_NOT_ALLOWED,
-            "text/plain",
-            "method not allowed\n",
-        );
+        return respond(StatusCode::METHOD_NOT_ALLOWED, "text/plain", "method not allowed\n");
     }
     match path {
-        "/metrics" => respond(
-            StatusCode::OK,
-            "text/plain; version=0.0.4; charset=utf-8",
-            shared.metrics.render(),
-        ),
+        "/metrics" => respond(StatusCode::OK, "text/plain; version=0.0.4; charset=utf-8", shared.metrics.render()),
         "/healthz" => respond(StatusCode::OK, "text/plain", "ok\n"),
         "/readyz" if shared.ready() => respond(StatusCode::OK, "text/plain", "ready\n"),
         "/readyz" => respond(StatusCode::SERVICE_UNAVAILABLE, "text/plain", "not ready\n"),

@@ -62,10 +62,7 @@ pub struct Shared {
 impl Shared {
     /// The current config.
     pub fn config(&self) -> Arc<Config> {
-        self.config
-            .read()
-            .map(|c| c.clone())
-            .unwrap_or_else(|p| p.into_inner().clone())
+        self.config.read().map(|c| c.clone()).unwrap_or_else(|p| p.into_inner().clone())
     }
 
     fn set_config(&self, c: Arc<Config>) {
@@ -117,16 +114,8 @@ impl Running {
         let mut postgres_addrs = Vec::new();
         for lc in &config.postgres {
             let listener = Arc::new(PgListener::new(lc)?);
-            let tcp = TcpListener::bind(lc.listen)
-                .await
-                .map_err(|err| AppError::Bind {
-                    addr: lc.listen,
-                    err,
-                })?;
-            let addr = tcp.local_addr().map_err(|err| AppError::Bind {
-                addr: lc.listen,
-                err,
-            })?;
+            let tcp = TcpListener::bind(lc.listen).await.map_err(|err| AppError::Bind { addr: lc.listen, err })?;
+            let addr = tcp.local_addr().map_err(|err| AppError::Bind { addr: lc.listen, err })?;
             shared.metrics.init_listener(&lc.name, Protocol::Postgres);
             let spec = ListenerSpec {
                 name: lc.name.clone(),
@@ -144,27 +133,11 @@ impl Running {
         }
         let admin = TcpListener::bind(config.admin_listen)
             .await
-            .map_err(|err| AppError::Bind {
-                addr: config.admin_listen,
-                err,
-            })?;
-        let admin_addr = admin.local_addr().map_err(|err| AppError::Bind {
-            addr: config.admin_listen,
-            err,
-        })?;
-        tokio::spawn(crate::admin::serve(
-            admin,
-            shared.clone(),
-            background.clone(),
-        ));
+            .map_err(|err| AppError::Bind { addr: config.admin_listen, err })?;
+        let admin_addr = admin.local_addr().map_err(|err| AppError::Bind { addr: config.admin_listen, err })?;
+        tokio::spawn(crate::admin::serve(admin, shared.clone(), background.clone()));
         tracing::info!(%admin_addr, "admin listener ready");
-        let running = Running {
-            admin_addr,
-            postgres_addrs,
-            shared,
-            pg,
-            background,
-        };
+        let running = Running { admin_addr, postgres_addrs, shared, pg, background };
         running.spawn_background();
         Ok(running)
     }
@@ -176,25 +149,15 @@ impl Running {
 
     fn spawn_background(&self) {
         // Upstream health probe: a TCP dial per listener every few seconds feeds `upstream_up`.
-        let (shared, pg, stop) = (
-            self.shared.clone(),
-            self.pg.clone(),
-            self.background.clone(),
-        );
+        let (shared, pg, stop) = (self.shared.clone(), self.pg.clone(), self.background.clone());
         tokio::spawn(async move {
             loop {
                 for l in &pg {
                     let cfg = l.config();
                     let t = Instant::now();
-                    let ok = crate::net::upstream::dial(&cfg.upstream, Duration::from_secs(2))
-                        .await
-                        .is_ok();
+                    let ok = crate::net::upstream::dial(&cfg.upstream, Duration::from_secs(2)).await.is_ok();
                     if !ok {
-                        shared.metrics.upstream_connect(
-                            &cfg.name,
-                            t.elapsed().as_secs_f64(),
-                            false,
-                        );
+                        shared.metrics.upstream_connect(&cfg.name, t.elapsed().as_secs_f64(), false);
                     } else {
                         shared.metrics.set_upstream_up(&cfg.name, true);
                     }
@@ -207,11 +170,7 @@ impl Running {
             }
         });
         // File watcher: certificates and users files, by content (follows symlink swaps).
-        let (shared, pg, stop) = (
-            self.shared.clone(),
-            self.pg.clone(),
-            self.background.clone(),
-        );
+        let (shared, pg, stop) = (self.shared.clone(), self.pg.clone(), self.background.clone());
         tokio::spawn(async move {
             loop {
                 tokio::select! {
@@ -276,14 +235,8 @@ impl Running {
         self.shared.shutdown.cancel();
         self.shared.tracker.close();
         tracing::info!(open = self.shared.tracker.len(), ?timeout, "draining");
-        if tokio::time::timeout(timeout, self.shared.tracker.wait())
-            .await
-            .is_err()
-        {
-            tracing::warn!(
-                open = self.shared.tracker.len(),
-                "drain timeout: ending open sessions"
-            );
+        if tokio::time::timeout(timeout, self.shared.tracker.wait()).await.is_err() {
+            tracing::warn!(open = self.shared.tracker.len(), "drain timeout: ending open sessions");
             self.shared.kill.cancel();
             let _ = tokio::time::timeout(Duration::from_secs(2), self.shared.tracker.wait()).await;
         }
@@ -341,18 +294,9 @@ fn reload_users(shared: &Shared, l: &PgListener) {
 pub async fn run(config: Config) -> Result<(), AppError> {
     use tokio::signal::unix::{SignalKind, signal};
     let running = Running::start(config).await?;
-    let mut hup = signal(SignalKind::hangup()).map_err(|err| AppError::Bind {
-        addr: running.admin_addr,
-        err,
-    })?;
-    let mut term = signal(SignalKind::terminate()).map_err(|err| AppError::Bind {
-        addr: running.admin_addr,
-        err,
-    })?;
-    let mut int = signal(SignalKind::interrupt()).map_err(|err| AppError::Bind {
-        addr: running.admin_addr,
-        err,
-    })?;
+    let mut hup = signal(SignalKind::hangup()).map_err(|err| AppError::Bind { addr: running.admin_addr, err })?;
+    let mut term = signal(SignalKind::terminate()).map_err(|err| AppError::Bind { addr: running.admin_addr, err })?;
+    let mut int = signal(SignalKind::interrupt()).map_err(|err| AppError::Bind { addr: running.admin_addr, err })?;
     loop {
         tokio::select! {
             _ = hup.recv() => { let _ = running.reload(); }

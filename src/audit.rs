@@ -119,11 +119,7 @@ impl<'a> Record<'a> {
         put("upstream_user", self.upstream_user.map(str::to_string));
         put("outcome", self.outcome.map(str::to_string));
         put("reason", self.reason.map(str::to_string));
-        for (k, v) in [
-            ("duration_ms", self.duration_ms),
-            ("bytes_in", self.bytes_in),
-            ("bytes_out", self.bytes_out),
-        ] {
+        for (k, v) in [("duration_ms", self.duration_ms), ("bytes_in", self.bytes_in), ("bytes_out", self.bytes_out)] {
             if let Some(v) = v {
                 m.insert(k.into(), v.into());
             }

@@ -4,8 +4,8 @@
 use std::path::Path;
 
 use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
-    Issuer, KeyPair, KeyUsagePurpose, SanType,
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
+    KeyUsagePurpose, SanType,
 };
 
 /// Errors writing the dev PKI.
@@ -26,10 +26,7 @@ pub enum CertsError {
 
 fn write(dir: &Path, name: &str, content: &str, private: bool) -> Result<(), CertsError> {
     let path = dir.join(name);
-    let io = |err| CertsError::Io {
-        path: path.display().to_string(),
-        err,
-    };
+    let io = |err| CertsError::Io { path: path.display().to_string(), err };
     std::fs::write(&path, content).map_err(io)?;
     if private {
         use std::os::unix::fs::PermissionsExt;
@@ -48,30 +45,19 @@ fn dn(cn: &str) -> DistinguishedName {
 /// Writes `ca.crt ca.key server.crt server.key client.crt client.key` into `out`.
 /// `client_cn` is the client certificate's CN (and DNS SAN `<cn>.internal`).
 pub fn write_dev_pki(out: &Path, client_cn: &str) -> Result<(), CertsError> {
-    std::fs::create_dir_all(out).map_err(|err| CertsError::Io {
-        path: out.display().to_string(),
-        err,
-    })?;
+    std::fs::create_dir_all(out).map_err(|err| CertsError::Io { path: out.display().to_string(), err })?;
     let ca_key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
     let mut ca = CertificateParams::new(Vec::<String>::new())?;
     ca.distinguished_name = dn("Portcullis dev CA");
     ca.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
-    ca.key_usages = vec![
-        KeyUsagePurpose::KeyCertSign,
-        KeyUsagePurpose::CrlSign,
-        KeyUsagePurpose::DigitalSignature,
-    ];
+    ca.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
     let ca_cert = ca.self_signed(&ca_key)?;
     let issuer = Issuer::new(ca, &ca_key);
 
     let server_key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
     let mut server = CertificateParams::new(vec!["localhost".to_string()])?;
-    server
-        .subject_alt_names
-        .push(SanType::IpAddress("127.0.0.1".parse().expect("literal")));
-    server
-        .subject_alt_names
-        .push(SanType::IpAddress("::1".parse().expect("literal")));
+    server.subject_alt_names.push(SanType::IpAddress("127.0.0.1".parse().expect("literal")));
+    server.subject_alt_names.push(SanType::IpAddress("::1".parse().expect("literal")));
     server.distinguished_name = dn("localhost");
     server.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
     server.key_usages = vec![KeyUsagePurpose::DigitalSignature];
@@ -106,10 +92,7 @@ mod tests {
         let client = crate::net::tls::load_certs(&dir.path().join("client.crt")).unwrap();
         let subjects = crate::net::tls::cert_subjects(&client[0]);
         assert!(subjects.contains(&"CN=app".to_string()), "{subjects:?}");
-        assert!(
-            subjects.contains(&"DNS:app.internal".to_string()),
-            "{subjects:?}"
-        );
+        assert!(subjects.contains(&"DNS:app.internal".to_string()), "{subjects:?}");
         crate::net::tls::load_key(&dir.path().join("server.key")).unwrap();
     }
 }

@@ -52,8 +52,7 @@ fn postgres_owner() -> Option<(u32, u32)> {
     let passwd = std::fs::read_to_string("/etc/passwd").ok()?;
     passwd.lines().find_map(|l| {
         let f: Vec<&str> = l.split(':').collect();
-        (f.first() == Some(&"postgres") && f.len() > 3)
-            .then(|| Some((f[2].parse().ok()?, f[3].parse().ok()?)))?
+        (f.first() == Some(&"postgres") && f.len() > 3).then(|| Some((f[2].parse().ok()?, f[3].parse().ok()?)))?
     })
 }
 
@@ -63,9 +62,7 @@ impl PgInstance {
         if let Some((uid, gid)) = self.owner {
             c.uid(uid).gid(gid);
         }
-        c.env_remove("PGPASSWORD")
-            .env_remove("PGHOST")
-            .env_remove("PGPORT");
+        c.env_remove("PGPASSWORD").env_remove("PGHOST").env_remove("PGPORT");
         c
     }
 
@@ -79,9 +76,7 @@ impl PgInstance {
                 "PostgreSQL 15 server binaries not found in {PG_BIN}: apt-get install -y postgresql-15"
             )));
         }
-        let dir = tempfile::Builder::new()
-            .prefix("portcullis-pg-")
-            .tempdir()?;
+        let dir = tempfile::Builder::new().prefix("portcullis-pg-").tempdir()?;
         let owner = postgres_owner();
         let data = dir.path().join("data");
         let socket_dir = dir.path().join("sock");
@@ -114,22 +109,11 @@ impl PgInstance {
             .cmd("initdb")
             .args(["-D"])
             .arg(&data)
-            .args([
-                "-U",
-                "postgres",
-                "--auth-host=scram-sha-256",
-                "--auth-local=trust",
-                "-E",
-                "UTF8",
-                "--no-sync",
-            ])
+            .args(["-U", "postgres", "--auth-host=scram-sha-256", "--auth-local=trust", "-E", "UTF8", "--no-sync"])
             .arg(format!("--pwfile={}", pwfile.display()))
             .output()?;
         if !out.status.success() {
-            return Err(io::Error::other(format!(
-                "initdb failed: {}",
-                String::from_utf8_lossy(&out.stderr)
-            )));
+            return Err(io::Error::other(format!("initdb failed: {}", String::from_utf8_lossy(&out.stderr))));
         }
         let _ = std::fs::remove_file(&pwfile);
         let mut ssl_args = Vec::new();
@@ -150,22 +134,10 @@ impl PgInstance {
             .cmd("postgres")
             .arg("-D")
             .arg(&data)
-            .args([
-                "-p",
-                &inst.port.to_string(),
-                "-c",
-                "listen_addresses=127.0.0.1",
-            ])
+            .args(["-p", &inst.port.to_string(), "-c", "listen_addresses=127.0.0.1"])
             .arg("-c")
             .arg(format!("unix_socket_directories={}", socket_dir.display()))
-            .args([
-                "-c",
-                "log_connections=on",
-                "-c",
-                "fsync=off",
-                "-c",
-                "max_connections=200",
-            ])
+            .args(["-c", "log_connections=on", "-c", "fsync=off", "-c", "max_connections=200"])
             .args(&ssl_args)
             .stdout(Stdio::null())
             .stderr(log)
@@ -216,9 +188,7 @@ impl PgInstance {
             }
             if t.elapsed() > Duration::from_secs(30) {
                 let log = std::fs::read_to_string(&self.log).unwrap_or_default();
-                return Err(io::Error::other(format!(
-                    "postgres did not start within 30s:\n{log}"
-                )));
+                return Err(io::Error::other(format!("postgres did not start within 30s:\n{log}")));
             }
             std::thread::sleep(Duration::from_millis(100));
         }
@@ -230,22 +200,10 @@ impl PgInstance {
             .cmd("psql")
             .args(["-X", "-q", "-At", "-v", "ON_ERROR_STOP=1", "-h"])
             .arg(&self.socket_dir)
-            .args([
-                "-p",
-                &self.port.to_string(),
-                "-U",
-                "postgres",
-                "-d",
-                "postgres",
-                "-c",
-                sql,
-            ])
+            .args(["-p", &self.port.to_string(), "-U", "postgres", "-d", "postgres", "-c", sql])
             .output()?;
         if !out.status.success() {
-            return Err(io::Error::other(format!(
-                "psql failed: {}",
-                String::from_utf8_lossy(&out.stderr)
-            )));
+            return Err(io::Error::other(format!("psql failed: {}", String::from_utf8_lossy(&out.stderr))));
         }
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
@@ -258,9 +216,7 @@ impl PgInstance {
     /// Stops the server (fast shutdown) and removes its directory.
     pub fn stop(&mut self) {
         if let Some(mut child) = self.child.take() {
-            let _ = Command::new("kill")
-                .args(["-INT", &child.id().to_string()])
-                .status();
+            let _ = Command::new("kill").args(["-INT", &child.id().to_string()]).status();
             let t = Instant::now();
             while t.elapsed() < Duration::from_secs(10) {
                 if let Ok(Some(_)) = child.try_wait() {
@@ -293,10 +249,7 @@ pub async fn run_demo(config_path: &Path) -> Result<(), String> {
         .await
         .map_err(|e| e.to_string())?
         .map_err(|e| e.to_string())?;
-    let work = tempfile::Builder::new()
-        .prefix("portcullis-demo-")
-        .tempdir()
-        .map_err(|e| e.to_string())?;
+    let work = tempfile::Builder::new().prefix("portcullis-demo-").tempdir().map_err(|e| e.to_string())?;
     let runtime_pw = work.path().join("pg-runtime.pass");
     std::fs::write(&runtime_pw, &pg.runtime_password).map_err(|e| e.to_string())?;
     let app_password = "app-dev-password";
@@ -315,14 +268,8 @@ pub async fn run_demo(config_path: &Path) -> Result<(), String> {
         p.upstream_password = Some(crate::config::SecretRef::File(runtime_pw.clone()));
         p.users_file = Some(users.clone());
     }
-    let running = crate::app::Running::start(cfg)
-        .await
-        .map_err(|e| e.to_string())?;
-    let (_, addr) = running
-        .postgres_addrs
-        .first()
-        .cloned()
-        .ok_or("no postgres listener")?;
+    let running = crate::app::Running::start(cfg).await.map_err(|e| e.to_string())?;
+    let (_, addr) = running.postgres_addrs.first().cloned().ok_or("no postgres listener")?;
     println!(
         "\nPortcullis demo is up (PostgreSQL 15 on 127.0.0.1:{}, admin on http://{}).",
         pg.port, running.admin_addr

@@ -18,6 +18,6 @@ pub mod config;
 pub mod demo;
 pub mod metrics;
 pub mod net;
+pub mod policy;
 pub mod postgres;
 pub mod redis;
-pub mod policy;

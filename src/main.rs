@@ -83,9 +83,7 @@ fn init_tracing() {
     // Operational logs go to stderr; audit events (target "audit") are JSON lines on stdout.
     let logs = tracing_subscriber::fmt::layer()
         .with_writer(std::io::stderr)
-        .with_filter(tracing_subscriber::filter::filter_fn(|m| {
-            m.target() != "audit"
-        }))
+        .with_filter(tracing_subscriber::filter::filter_fn(|m| m.target() != "audit"))
         .with_filter(filter);
     let audit = tracing_subscriber::fmt::layer()
         .with_writer(std::io::stdout)
@@ -93,17 +91,13 @@ fn init_tracing() {
         .with_level(false)
         .with_target(false)
         .with_ansi(false)
-        .with_filter(tracing_subscriber::filter::filter_fn(|m| {
-            m.target() == "audit"
-        }));
+        .with_filter(tracing_subscriber::filter::filter_fn(|m| m.target() == "audit"));
     tracing_subscriber::registry().with(logs).with(audit).init();
 }
 
 fn read_password() -> anyhow::Result<String> {
     let mut s = String::new();
-    std::io::stdin()
-        .read_to_string(&mut s)
-        .context("reading the password from stdin")?;
+    std::io::stdin().read_to_string(&mut s).context("reading the password from stdin")?;
     let pw = s.lines().next().unwrap_or_default().to_string();
     anyhow::ensure!(!pw.is_empty(), "empty password on stdin");
     Ok(pw)
@@ -142,47 +136,26 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
             for f in &findings {
                 println!("{f}");
             }
-            let errors = findings
-                .iter()
-                .filter(|f| f.severity == portcullis::config::lint::Severity::Error)
-                .count();
+            let errors = findings.iter().filter(|f| f.severity == portcullis::config::lint::Severity::Error).count();
             println!(
                 "\n{} error{}, {} warning{} in {}",
                 errors,
                 if errors == 1 { "" } else { "s" },
                 findings.len() - errors,
-                if findings.len() - errors == 1 {
-                    ""
-                } else {
-                    "s"
-                },
+                if findings.len() - errors == 1 { "" } else { "s" },
                 config.display()
             );
-            Ok(if errors > 0 {
-                ExitCode::from(1)
-            } else {
-                ExitCode::SUCCESS
-            })
+            Ok(if errors > 0 { ExitCode::from(1) } else { ExitCode::SUCCESS })
         }
-        Cmd::Certs {
-            cmd: CertsCmd::Dev { out },
-        } => {
+        Cmd::Certs { cmd: CertsCmd::Dev { out } } => {
             portcullis::certs::write_dev_pki(&out, "app")?;
-            println!(
-                "wrote ca.crt ca.key server.crt server.key client.crt client.key to {}",
-                out.display()
-            );
+            println!("wrote ca.crt ca.key server.crt server.key client.crt client.key to {}", out.display());
             Ok(ExitCode::SUCCESS)
         }
-        Cmd::User {
-            cmd: UserCmd::Hash { protocol },
-        } => {
+        Cmd::User { cmd: UserCmd::Hash { protocol } } => {
             let pw = read_password()?;
             match protocol {
-                HashProtocol::Postgres => println!(
-                    "{}",
-                    postgres_protocol::password::scram_sha_256(pw.as_bytes())
-                ),
+                HashProtocol::Postgres => println!("{}", postgres_protocol::password::scram_sha_256(pw.as_bytes())),
                 HashProtocol::Redis => {
                     use argon2::PasswordHasher;
                     let h = argon2::Argon2::default()
@@ -196,8 +169,7 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
         Cmd::Demo { config } => {
             init_tracing();
             let rt = tokio::runtime::Runtime::new()?;
-            rt.block_on(portcullis::demo::run_demo(&config))
-                .map_err(|e| anyhow::anyhow!(e))?;
+            rt.block_on(portcullis::demo::run_demo(&config)).map_err(|e| anyhow::anyhow!(e))?;
             Ok(ExitCode::SUCCESS)
         }
     }

@@ -2,8 +2,7 @@
 //! Label values come from config (listener names) or from the enums below, never from clients.
 
 use prometheus::{
-    Encoder, GaugeVec, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGaugeVec, Opts,
-    Registry, TextEncoder,
+    Encoder, GaugeVec, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 /// Protocol label.
@@ -123,8 +122,7 @@ impl std::fmt::Debug for Metrics {
 }
 
 fn counter(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
-    let c = IntCounterVec::new(Opts::new(name, help).namespace("portcullis"), labels)
-        .expect("valid metric");
+    let c = IntCounterVec::new(Opts::new(name, help).namespace("portcullis"), labels).expect("valid metric");
     r.register(Box::new(c.clone())).expect("registered once");
     c
 }
@@ -138,64 +136,41 @@ impl Metrics {
             &["version"],
         )
         .expect("valid metric");
-        r.register(Box::new(build.clone()))
-            .expect("registered once");
-        build
-            .with_label_values(&[env!("CARGO_PKG_VERSION")])
-            .set(1.0);
+        r.register(Box::new(build.clone())).expect("registered once");
+        build.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1.0);
         let connections_active = IntGaugeVec::new(
             Opts::new("connections_active", "Open client connections.").namespace("portcullis"),
             &["listener", "protocol"],
         )
         .expect("valid metric");
-        r.register(Box::new(connections_active.clone()))
-            .expect("registered once");
+        r.register(Box::new(connections_active.clone())).expect("registered once");
         let upstream_up = IntGaugeVec::new(
-            Opts::new(
-                "upstream_up",
-                "1 when the last upstream contact of this listener succeeded.",
-            )
-            .namespace("portcullis"),
+            Opts::new("upstream_up", "1 when the last upstream contact of this listener succeeded.")
+                .namespace("portcullis"),
             &["listener"],
         )
         .expect("valid metric");
-        r.register(Box::new(upstream_up.clone()))
-            .expect("registered once");
+        r.register(Box::new(upstream_up.clone())).expect("registered once");
         let upstream_connect_seconds = HistogramVec::new(
-            HistogramOpts::new(
-                "upstream_connect_seconds",
-                "Time to dial and log in to the upstream.",
-            )
-            .namespace("portcullis")
-            .buckets(vec![
-                0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
-            ]),
+            HistogramOpts::new("upstream_connect_seconds", "Time to dial and log in to the upstream.")
+                .namespace("portcullis")
+                .buckets(vec![0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0]),
             &["listener"],
         )
         .expect("valid metric");
-        r.register(Box::new(upstream_connect_seconds.clone()))
-            .expect("registered once");
+        r.register(Box::new(upstream_connect_seconds.clone())).expect("registered once");
         let lockouts_total = IntCounter::with_opts(
-            Opts::new(
-                "lockouts_total",
-                "Source addresses locked out after failed logins.",
-            )
-            .namespace("portcullis"),
+            Opts::new("lockouts_total", "Source addresses locked out after failed logins.").namespace("portcullis"),
         )
         .expect("valid metric");
-        r.register(Box::new(lockouts_total.clone()))
-            .expect("registered once");
+        r.register(Box::new(lockouts_total.clone())).expect("registered once");
         let cert_expiry = GaugeVec::new(
-            Opts::new(
-                "tls_cert_expiry_timestamp_seconds",
-                "notAfter of the served certificates, Unix time.",
-            )
-            .namespace("portcullis"),
+            Opts::new("tls_cert_expiry_timestamp_seconds", "notAfter of the served certificates, Unix time.")
+                .namespace("portcullis"),
             &["cert"],
         )
         .expect("valid metric");
-        r.register(Box::new(cert_expiry.clone()))
-            .expect("registered once");
+        r.register(Box::new(cert_expiry.clone())).expect("registered once");
         Metrics {
             connections_total: counter(
                 &r,
@@ -221,12 +196,7 @@ impl Metrics {
                 "PostgreSQL logins refused by policy.",
                 &["listener", "reason"],
             ),
-            bytes_total: counter(
-                &r,
-                "bytes_total",
-                "Bytes forwarded.",
-                &["listener", "direction"],
-            ),
+            bytes_total: counter(&r, "bytes_total", "Bytes forwarded.", &["listener", "direction"]),
             config_reloads_total: counter(
                 &r,
                 "config_reloads_total",
@@ -252,94 +222,65 @@ impl Metrics {
 
     /// Pre-creates a listener's series so dashboards see zeros, not gaps.
     pub fn init_listener(&self, listener: &str, protocol: Protocol) {
-        self.connections_active
-            .with_label_values(&[listener, protocol.as_str()])
-            .set(0);
-        self.bytes_total
-            .with_label_values(&[listener, "client_to_upstream"]);
-        self.bytes_total
-            .with_label_values(&[listener, "upstream_to_client"]);
+        self.connections_active.with_label_values(&[listener, protocol.as_str()]).set(0);
+        self.bytes_total.with_label_values(&[listener, "client_to_upstream"]);
+        self.bytes_total.with_label_values(&[listener, "upstream_to_client"]);
         for r in ["success", "failure"] {
-            self.auth_attempts_total
-                .with_label_values(&[listener, protocol.as_str(), "scram", r]);
+            self.auth_attempts_total.with_label_values(&[listener, protocol.as_str(), "scram", r]);
         }
         self.upstream_up.with_label_values(&[listener]).set(1);
     }
 
     /// A connection ended with this outcome.
     pub fn connection(&self, listener: &str, protocol: Protocol, outcome: ConnOutcome) {
-        self.connections_total
-            .with_label_values(&[listener, protocol.as_str(), outcome.as_str()])
-            .inc();
+        self.connections_total.with_label_values(&[listener, protocol.as_str(), outcome.as_str()]).inc();
     }
 
     /// The gauge of open connections for a listener.
     pub fn active(&self, listener: &str, protocol: Protocol) -> prometheus::IntGauge {
-        self.connections_active
-            .with_label_values(&[listener, protocol.as_str()])
+        self.connections_active.with_label_values(&[listener, protocol.as_str()])
     }
 
     /// A TLS handshake finished (`version` is "TLSv1.3" etc. or "none" on failure).
     pub fn tls_handshake(&self, listener: &str, version: &'static str, ok: bool) {
-        self.tls_handshakes_total
-            .with_label_values(&[listener, version, if ok { "success" } else { "failure" }])
-            .inc();
+        self.tls_handshakes_total.with_label_values(&[listener, version, if ok { "success" } else { "failure" }]).inc();
     }
 
     /// A client authentication attempt; `method` is scram, scram-plus, cert, passthrough.
     pub fn auth_attempt(&self, listener: &str, protocol: Protocol, method: &'static str, ok: bool) {
         self.auth_attempts_total
-            .with_label_values(&[
-                listener,
-                protocol.as_str(),
-                method,
-                if ok { "success" } else { "failure" },
-            ])
+            .with_label_values(&[listener, protocol.as_str(), method, if ok { "success" } else { "failure" }])
             .inc();
     }
 
     /// A Postgres login refused by policy.
     pub fn pg_rejected(&self, listener: &str, reason: PgRejectReason) {
-        self.pg_rejected_total
-            .with_label_values(&[listener, reason.as_str()])
-            .inc();
+        self.pg_rejected_total.with_label_values(&[listener, reason.as_str()]).inc();
     }
 
     /// Counters for forwarded bytes: (client→upstream, upstream→client).
     pub fn bytes(&self, listener: &str) -> (prometheus::IntCounter, prometheus::IntCounter) {
         (
-            self.bytes_total
-                .with_label_values(&[listener, "client_to_upstream"]),
-            self.bytes_total
-                .with_label_values(&[listener, "upstream_to_client"]),
+            self.bytes_total.with_label_values(&[listener, "client_to_upstream"]),
+            self.bytes_total.with_label_values(&[listener, "upstream_to_client"]),
         )
     }
 
     /// An upstream dial + login took this long (successful or not) and ended so.
     pub fn upstream_connect(&self, listener: &str, seconds: f64, ok: bool) {
-        self.upstream_connect_seconds
-            .with_label_values(&[listener])
-            .observe(seconds);
-        self.upstream_up
-            .with_label_values(&[listener])
-            .set(i64::from(ok));
+        self.upstream_connect_seconds.with_label_values(&[listener]).observe(seconds);
+        self.upstream_up.with_label_values(&[listener]).set(i64::from(ok));
     }
 
     /// Sets `upstream_up` for a listener (health probe).
     pub fn set_upstream_up(&self, listener: &str, up: bool) {
-        self.upstream_up
-            .with_label_values(&[listener])
-            .set(i64::from(up));
+        self.upstream_up.with_label_values(&[listener]).set(i64::from(up));
     }
 
     /// True when every listener's last upstream contact succeeded.
     pub fn all_upstreams_up(&self) -> bool {
         use prometheus::core::Collector;
-        self.upstream_up
-            .collect()
-            .iter()
-            .flat_map(|mf| mf.get_metric())
-            .all(|m| m.get_gauge().get_value() >= 1.0)
+        self.upstream_up.collect().iter().flat_map(|mf| mf.get_metric()).all(|m| m.get_gauge().get_value() >= 1.0)
     }
 
     /// A source was locked out.
@@ -349,16 +290,12 @@ impl Metrics {
 
     /// Records a served certificate's expiry.
     pub fn cert_expiry(&self, cert: &str, not_after_unix: i64) {
-        self.cert_expiry
-            .with_label_values(&[cert])
-            .set(not_after_unix as f64);
+        self.cert_expiry.with_label_values(&[cert]).set(not_after_unix as f64);
     }
 
     /// A reload finished.
     pub fn config_reload(&self, ok: bool) {
-        self.config_reloads_total
-            .with_label_values(&[if ok { "success" } else { "error" }])
-            .inc();
+        self.config_reloads_total.with_label_values(&[if ok { "success" } else { "error" }]).inc();
     }
 }
 

@@ -74,20 +74,11 @@ fn start_binary() -> Proc {
         .unwrap();
     let t = Instant::now();
     while std::net::TcpStream::connect(("127.0.0.1", admin_port)).is_err() {
-        assert!(
-            t.elapsed() < Duration::from_secs(10),
-            "binary did not start"
-        );
+        assert!(t.elapsed() < Duration::from_secs(10), "binary did not start");
         std::thread::sleep(Duration::from_millis(50));
     }
     let dir_path = dir.path().to_path_buf();
-    Proc {
-        child,
-        pg_port,
-        admin_port,
-        _dir: dir,
-        dir_path,
-    }
+    Proc { child, pg_port, admin_port, _dir: dir, dir_path }
 }
 
 fn psql(port: u16, user: &str, password: &str, extra: &str, sql: &str) -> std::process::Output {
@@ -95,9 +86,7 @@ fn psql(port: u16, user: &str, password: &str, extra: &str, sql: &str) -> std::p
         .env("PGSSLROOTCERT", certs().join("ca.crt"))
         .env("PGPASSWORD", password)
         .env("PGCONNECT_TIMEOUT", "10")
-        .arg(format!(
-            "host=localhost port={port} user={user} dbname=app sslmode=verify-full {extra}"
-        ))
+        .arg(format!("host=localhost port={port} user={user} dbname=app sslmode=verify-full {extra}"))
         .args(["-X", "-At", "-v", "ON_ERROR_STOP=1", "-c", sql])
         .output()
         .expect("psql runs")
@@ -106,72 +95,34 @@ fn psql(port: u16, user: &str, password: &str, extra: &str, sql: &str) -> std::p
 fn http_get(port: u16, path: &str) -> (u16, String) {
     use std::io::Read;
     let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
+    write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").unwrap();
     let mut out = String::new();
     s.read_to_string(&mut out).unwrap();
     let status = out.split_whitespace().nth(1).unwrap().parse().unwrap();
-    let body = out
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_string())
-        .unwrap_or_default();
+    let body = out.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
     (status, body)
 }
 
 fn signal(child: &Child, sig: &str) {
-    assert!(
-        Command::new("kill")
-            .args([sig, &child.id().to_string()])
-            .status()
-            .unwrap()
-            .success()
-    );
+    assert!(Command::new("kill").args([sig, &child.id().to_string()]).status().unwrap().success());
 }
 
 #[test]
 fn psql_pgbench_promtool_signals_and_no_secret_in_logs() {
     let mut p = start_binary();
     // psql: verify-full + SCRAM-SHA-256-PLUS
-    let out = psql(
-        p.pg_port,
-        "app",
-        APP_PASSWORD,
-        "channel_binding=require",
-        "select current_user",
-    );
-    assert!(
-        out.status.success(),
-        "psql: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = psql(p.pg_port, "app", APP_PASSWORD, "channel_binding=require", "select current_user");
+    assert!(out.status.success(), "psql: {}", String::from_utf8_lossy(&out.stderr));
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "app_runtime");
     // psql sees the exact refusals
     let out = psql(p.pg_port, "app", "wrong-password-123", "", "select 1");
     assert!(!out.status.success());
-    assert!(
-        String::from_utf8_lossy(&out.stderr)
-            .contains("password authentication failed for user \"app\"")
-    );
-    let out = psql(
-        p.pg_port,
-        "postgres",
-        &pg().postgres_password,
-        "",
-        "select 1",
-    );
-    assert!(
-        String::from_utf8_lossy(&out.stderr)
-            .contains("login as \"postgres\" is not allowed through this proxy")
-    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("password authentication failed for user \"app\""));
+    let out = psql(p.pg_port, "postgres", &pg().postgres_password, "", "select 1");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("login as \"postgres\" is not allowed through this proxy"));
     let out = Command::new("psql")
         .env("PGPASSWORD", APP_PASSWORD)
-        .arg(format!(
-            "host=127.0.0.1 port={} user=app dbname=app sslmode=disable",
-            p.pg_port
-        ))
+        .arg(format!("host=127.0.0.1 port={} user=app dbname=app sslmode=disable", p.pg_port))
         .args(["-X", "-c", "select 1"])
         .output()
         .unwrap();
@@ -193,22 +144,11 @@ fn psql_pgbench_promtool_signals_and_no_secret_in_logs() {
             .unwrap()
     };
     let out = bench(&["-i", "-s", "1", "-q"]);
-    assert!(
-        out.status.success(),
-        "pgbench -i: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "pgbench -i: {}", String::from_utf8_lossy(&out.stderr));
     let out = bench(&["-c", "4", "-j", "2", "-t", "100", "-n"]);
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "pgbench: {text} {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(
-        text.contains("number of transactions actually processed: 400/400"),
-        "{text}"
-    );
+    assert!(out.status.success(), "pgbench: {text} {}", String::from_utf8_lossy(&out.stderr));
+    assert!(text.contains("number of transactions actually processed: 400/400"), "{text}");
     assert!(text.contains("number of failed transactions: 0"), "{text}");
 
     // /metrics passes promtool
@@ -223,12 +163,7 @@ fn psql_pgbench_promtool_signals_and_no_secret_in_logs() {
         .stderr(Stdio::piped())
         .spawn()
         .expect("promtool (Debian package prometheus) must be installed");
-    promtool
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(metrics.as_bytes())
-        .unwrap();
+    promtool.stdin.take().unwrap().write_all(metrics.as_bytes()).unwrap();
     let out = promtool.wait_with_output().unwrap();
     assert!(
         out.status.success(),
@@ -244,10 +179,7 @@ fn psql_pgbench_promtool_signals_and_no_secret_in_logs() {
     signal(&p.child, "-HUP");
     std::thread::sleep(Duration::from_millis(500));
     let (_, metrics) = http_get(p.admin_port, "/metrics");
-    assert!(
-        metrics.contains("portcullis_config_reloads_total{result=\"error\"} 1"),
-        "{metrics}"
-    );
+    assert!(metrics.contains("portcullis_config_reloads_total{result=\"error\"} 1"), "{metrics}");
     let out = psql(p.pg_port, "app", APP_PASSWORD, "", "select 1");
     assert!(out.status.success());
     std::fs::write(&cfg_path, good).unwrap();
@@ -256,18 +188,8 @@ fn psql_pgbench_promtool_signals_and_no_secret_in_logs() {
     let session = Command::new("psql")
         .env("PGSSLROOTCERT", certs().join("ca.crt"))
         .env("PGPASSWORD", APP_PASSWORD)
-        .arg(format!(
-            "host=localhost port={} user=app dbname=app sslmode=verify-full",
-            p.pg_port
-        ))
-        .args([
-            "-X",
-            "-At",
-            "-c",
-            "select pg_sleep(1.5)",
-            "-c",
-            "select 'finished'",
-        ])
+        .arg(format!("host=localhost port={} user=app dbname=app sslmode=verify-full", p.pg_port))
+        .args(["-X", "-At", "-c", "select pg_sleep(1.5)", "-c", "select 'finished'"])
         .stdout(Stdio::piped())
         .spawn()
         .unwrap();
@@ -277,10 +199,7 @@ fn psql_pgbench_promtool_signals_and_no_secret_in_logs() {
     let (status, _) = http_get(p.admin_port, "/readyz");
     assert_eq!(status, 503, "draining");
     let out = session.wait_with_output().unwrap();
-    assert!(
-        String::from_utf8_lossy(&out.stdout).contains("finished"),
-        "accepted session finished during drain"
-    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("finished"), "accepted session finished during drain");
     let t = Instant::now();
     let code = loop {
         if let Some(s) = p.child.try_wait().unwrap() {
@@ -294,32 +213,19 @@ fn psql_pgbench_promtool_signals_and_no_secret_in_logs() {
     // The captured logs and the audit trail: never a password.
     let audit = std::fs::read_to_string(p.dir_path.join("audit.log")).unwrap();
     let logs = std::fs::read_to_string(p.dir_path.join("stderr.log")).unwrap();
-    for secret in [
-        APP_PASSWORD,
-        "wrong-password-123",
-        &pg().runtime_password,
-        &pg().postgres_password,
-        &pg().rogue_password,
-    ] {
+    for secret in
+        [APP_PASSWORD, "wrong-password-123", &pg().runtime_password, &pg().postgres_password, &pg().rogue_password]
+    {
         assert!(!audit.contains(secret), "audit leaks a secret");
         assert!(!logs.contains(secret), "logs leak a secret");
     }
-    let events: Vec<serde_json::Value> = audit
-        .lines()
-        .map(|l| serde_json::from_str(l).expect("JSON line"))
-        .collect();
-    let has = |ev: &str, f: &dyn Fn(&serde_json::Value) -> bool| {
-        events.iter().any(|e| e["event"] == ev && f(e))
-    };
-    assert!(has("auth_ok", &|e| e["user"] == "app"
-        && e["tls_version"] == "TLSv1.3"));
-    assert!(has("auth_failed", &|e| e["user"] == "app"
-        && e["reason"] == "bad_credentials"));
-    assert!(has("pg_login_rejected", &|e| e["user"] == "postgres"
-        && e["reason"] == "deny_users"));
+    let events: Vec<serde_json::Value> = audit.lines().map(|l| serde_json::from_str(l).expect("JSON line")).collect();
+    let has = |ev: &str, f: &dyn Fn(&serde_json::Value) -> bool| events.iter().any(|e| e["event"] == ev && f(e));
+    assert!(has("auth_ok", &|e| e["user"] == "app" && e["tls_version"] == "TLSv1.3"));
+    assert!(has("auth_failed", &|e| e["user"] == "app" && e["reason"] == "bad_credentials"));
+    assert!(has("pg_login_rejected", &|e| e["user"] == "postgres" && e["reason"] == "deny_users"));
     assert!(has("conn_rejected", &|e| e["reason"] == "plaintext"));
-    assert!(has("session_end", &|e| e["upstream_user"] == "app_runtime"
-        && e["bytes_out"].as_u64().unwrap_or(0) > 0));
+    assert!(has("session_end", &|e| e["upstream_user"] == "app_runtime" && e["bytes_out"].as_u64().unwrap_or(0) > 0));
     assert!(has("config_reload", &|e| e["outcome"] == "error"));
     for e in &events {
         assert!(e["ts"].is_string() && e["event"].is_string());
@@ -330,20 +236,9 @@ fn psql_pgbench_promtool_signals_and_no_secret_in_logs() {
 fn cli_check_hash_and_certs() {
     let dir = tempfile::tempdir().unwrap();
     // certs dev
-    let out = Command::new(BIN)
-        .args(["certs", "dev", "--out"])
-        .arg(dir.path())
-        .output()
-        .unwrap();
+    let out = Command::new(BIN).args(["certs", "dev", "--out"]).arg(dir.path()).output().unwrap();
     assert!(out.status.success());
-    for f in [
-        "ca.crt",
-        "ca.key",
-        "server.crt",
-        "server.key",
-        "client.crt",
-        "client.key",
-    ] {
+    for f in ["ca.crt", "ca.key", "server.crt", "server.key", "client.crt", "client.key"] {
         assert!(dir.path().join(f).exists(), "{f}");
     }
     // user hash: a verifier the proxy accepts, and never the password itself
@@ -353,12 +248,7 @@ fn cli_check_hash_and_certs() {
         .stdout(Stdio::piped())
         .spawn()
         .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(b"s3cret-hash-me\n")
-        .unwrap();
+    child.stdin.take().unwrap().write_all(b"s3cret-hash-me\n").unwrap();
     let out = child.wait_with_output().unwrap();
     let verifier = String::from_utf8(out.stdout).unwrap();
     assert!(verifier.starts_with("SCRAM-SHA-256$4096:"));
@@ -370,18 +260,9 @@ fn cli_check_hash_and_certs() {
         .stdout(Stdio::piped())
         .spawn()
         .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(b"s3cret-hash-me\n")
-        .unwrap();
+    child.stdin.take().unwrap().write_all(b"s3cret-hash-me\n").unwrap();
     let out = child.wait_with_output().unwrap();
-    assert!(
-        String::from_utf8(out.stdout)
-            .unwrap()
-            .starts_with("$argon2id$v=19$")
-    );
+    assert!(String::from_utf8(out.stdout).unwrap().starts_with("$argon2id$v=19$"));
 
     // check: a clean config passes; insecure ones fail with ids
     let write = |name: &str, body: &str| {
@@ -392,11 +273,7 @@ fn cli_check_hash_and_certs() {
     std::fs::write(dir.path().join("rt.pass"), "x").unwrap();
     {
         use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(
-            dir.path().join("rt.pass"),
-            std::fs::Permissions::from_mode(0o600),
-        )
-        .unwrap();
+        std::fs::set_permissions(dir.path().join("rt.pass"), std::fs::Permissions::from_mode(0o600)).unwrap();
     }
     std::fs::write(dir.path().join("users.toml"), "").unwrap();
     let d = dir.path().display();
@@ -405,30 +282,14 @@ fn cli_check_hash_and_certs() {
             "[admin]\nlisten = \"{admin}\"\n[tls]\ncert = \"{d}/server.crt\"\nkey = \"{d}/server.key\"\n[[postgres]]\nname = \"m\"\nlisten = \"127.0.0.1:6432\"\nupstream = \"127.0.0.1:5432\"\nusers_file = \"{d}/users.toml\"\nupstream_user = \"app_runtime\"\nupstream_password_file = \"{d}/rt.pass\"\n{extra}"
         )
     };
-    let run_check = |p: &Path| {
-        Command::new(BIN)
-            .args(["check", "--config"])
-            .arg(p)
-            .output()
-            .unwrap()
-    };
-    let good = write(
-        "good.toml",
-        &base("127.0.0.1:9898", "deny_users = [\"postgres\"]\n"),
-    );
+    let run_check = |p: &Path| Command::new(BIN).args(["check", "--config"]).arg(p).output().unwrap();
+    let good = write("good.toml", &base("127.0.0.1:9898", "deny_users = [\"postgres\"]\n"));
     let out = run_check(&good);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stdout)
-    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
     let bad = write(
         "bad.toml",
-        &base(
-            "203.0.113.7:9898",
-            "deny_users = []\ndeny_superuser = false\ntls = \"disabled\"\n",
-        )
-        .replace("127.0.0.1:6432", "0.0.0.0:6432"),
+        &base("203.0.113.7:9898", "deny_users = []\ndeny_superuser = false\ntls = \"disabled\"\n")
+            .replace("127.0.0.1:6432", "0.0.0.0:6432"),
     );
     let out = run_check(&bad);
     let text = String::from_utf8_lossy(&out.stdout);
@@ -437,22 +298,12 @@ fn cli_check_hash_and_certs() {
         assert!(text.contains(id), "{id} in {text}");
     }
     // inline secrets and unknown keys are config errors with a line number
-    let inline = write(
-        "inline.toml",
-        &base(
-            "127.0.0.1:9898",
-            "deny_users = [\"postgres\"]\nupstream_password = \"hunter2\"\n",
-        ),
-    );
+    let inline =
+        write("inline.toml", &base("127.0.0.1:9898", "deny_users = [\"postgres\"]\nupstream_password = \"hunter2\"\n"));
     let out = run_check(&inline);
     let text = String::from_utf8_lossy(&out.stdout);
     assert_eq!(out.status.code(), Some(1));
-    assert!(
-        text.contains("PC000")
-            && text.contains("inline.toml:14:21:")
-            && text.contains("inline secrets"),
-        "{text}"
-    );
+    assert!(text.contains("PC000") && text.contains("inline.toml:14:21:") && text.contains("inline secrets"), "{text}");
     assert!(!text.contains("hunter2"));
 }
 
@@ -460,22 +311,11 @@ fn cli_check_hash_and_certs() {
 fn run_fails_fast_on_a_bad_config() {
     let dir = tempfile::tempdir().unwrap();
     let p = dir.path().join("c.toml");
-    std::fs::write(
-        &p,
-        "[tls]\ncert = \"x\"\nkey = \"y\"\nmin_version = \"1.1\"\n",
-    )
-    .unwrap();
-    let out = Command::new(BIN)
-        .args(["run", "--config"])
-        .arg(&p)
-        .output()
-        .unwrap();
+    std::fs::write(&p, "[tls]\ncert = \"x\"\nkey = \"y\"\nmin_version = \"1.1\"\n").unwrap();
+    let out = Command::new(BIN).args(["run", "--config"]).arg(&p).output().unwrap();
     assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        err.contains("c.toml:4:") && err.contains("min_version"),
-        "{err}"
-    );
+    assert!(err.contains("c.toml:4:") && err.contains("min_version"), "{err}");
 }
 
 #[test]
@@ -495,54 +335,28 @@ fn demo_prints_a_working_psql_line_and_cleans_up_on_ctrl_c() {
     let (mut psql_line, mut pg_port) = (None, None);
     let t = Instant::now();
     while psql_line.is_none() {
-        assert!(
-            t.elapsed() < Duration::from_secs(60),
-            "demo did not come up"
-        );
+        assert!(t.elapsed() < Duration::from_secs(60), "demo did not come up");
         let line = lines.next().expect("demo output").unwrap();
         if let Some(rest) = line.split("PostgreSQL 15 on 127.0.0.1:").nth(1) {
-            pg_port = rest
-                .split(|c: char| !c.is_ascii_digit())
-                .next()
-                .map(str::to_string);
+            pg_port = rest.split(|c: char| !c.is_ascii_digit()).next().map(str::to_string);
         }
         if line.contains("channel_binding=require") {
             psql_line = Some(line.trim().to_string());
         }
     }
-    assert!(
-        cwd.path().join("certs-dev/ca.crt").exists(),
-        "dev certificates generated"
-    );
+    assert!(cwd.path().join("certs-dev/ca.crt").exists(), "dev certificates generated");
     let out = Command::new("sh")
         .arg("-c")
-        .arg(format!(
-            "{} -X -At -c 'select current_user'",
-            psql_line.unwrap()
-        ))
+        .arg(format!("{} -X -At -c 'select current_user'", psql_line.unwrap()))
         .current_dir(cwd.path())
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "app_runtime");
     signal(&child, "-INT");
     let rest: Vec<String> = lines.map_while(Result::ok).collect();
     assert!(child.wait().unwrap().success());
-    assert!(
-        rest.iter()
-            .any(|l| l.contains("private PostgreSQL removed")),
-        "{rest:?}"
-    );
-    let port: u16 = pg_port
-        .expect("demo names its PostgreSQL port")
-        .parse()
-        .unwrap();
-    assert!(
-        std::net::TcpStream::connect(("127.0.0.1", port)).is_err(),
-        "private PostgreSQL stopped"
-    );
+    assert!(rest.iter().any(|l| l.contains("private PostgreSQL removed")), "{rest:?}");
+    let port: u16 = pg_port.expect("demo names its PostgreSQL port").parse().unwrap();
+    assert!(std::net::TcpStream::connect(("127.0.0.1", port)).is_err(), "private PostgreSQL stopped");
 }

@@ -9,18 +9,14 @@ use bytes::Bytes;
 use support::*;
 
 async fn app(p: &Proxy) -> tokio_postgres::Client {
-    connect(p.port(), "app", APP_PASSWORD, "")
-        .await
-        .expect("login")
+    connect(p.port(), "app", APP_PASSWORD, "").await.expect("login")
 }
 
 #[tokio::test]
 async fn copy_in_and_out_10_mb() {
     let p = proxy("", "").await;
     let c = app(&p).await;
-    c.batch_execute("create temp table t (id int, payload text)")
-        .await
-        .unwrap();
+    c.batch_execute("create temp table t (id int, payload text)").await.unwrap();
     let line = format!("{}\n", "x".repeat(1000));
     let mut data = String::new();
     for i in 0..10_600 {
@@ -36,33 +32,23 @@ async fn copy_in_and_out_10_mb() {
     }
     let n = sink.finish().await.unwrap();
     assert_eq!(n, 10_600);
-    let stream = c
-        .copy_out("copy (select * from t order by id) to stdout")
-        .await
-        .unwrap();
+    let stream = c.copy_out("copy (select * from t order by id) to stdout").await.unwrap();
     use futures_util::TryStreamExt;
     let out: Vec<Bytes> = stream.try_collect().await.unwrap();
     let out: Vec<u8> = out.concat();
     assert_eq!(out.len(), expected.len());
-    assert!(
-        out == expected.as_bytes(),
-        "COPY OUT returns exactly what COPY IN sent"
-    );
+    assert!(out == expected.as_bytes(), "COPY OUT returns exactly what COPY IN sent");
 }
 
 #[tokio::test]
 async fn listen_notify_carries_the_upstream_backend_pid() {
     let p = proxy("", "").await;
-    let conn_str = format!(
-        "host=localhost port={} user=app password={APP_PASSWORD} dbname=app sslmode=require",
-        p.port()
-    );
+    let conn_str =
+        format!("host=localhost port={} user=app password={APP_PASSWORD} dbname=app sslmode=require", p.port());
     let (listener, mut conn) = conn_str
         .parse::<tokio_postgres::Config>()
         .unwrap()
-        .connect(tokio_postgres_rustls::MakeRustlsConnect::new(client_tls(
-            false,
-        )))
+        .connect(tokio_postgres_rustls::MakeRustlsConnect::new(client_tls(false)))
         .await
         .unwrap();
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
@@ -71,39 +57,18 @@ async fn listen_notify_carries_the_upstream_backend_pid() {
         use futures_util::StreamExt;
         while let Some(Ok(m)) = stream.next().await {
             if let tokio_postgres::AsyncMessage::Notification(n) = m {
-                let _ = tx.send((
-                    n.process_id(),
-                    n.channel().to_string(),
-                    n.payload().to_string(),
-                ));
+                let _ = tx.send((n.process_id(), n.channel().to_string(), n.payload().to_string()));
             }
         }
     });
     listener.batch_execute("listen events").await.unwrap();
-    let pid: i32 = listener
-        .query_one("select pg_backend_pid()", &[])
-        .await
-        .unwrap()
-        .get(0);
+    let pid: i32 = listener.query_one("select pg_backend_pid()", &[]).await.unwrap().get(0);
     let talker = app(&p).await;
-    talker
-        .batch_execute("notify events, 'hello'")
-        .await
-        .unwrap();
-    let talker_pid: i32 = talker
-        .query_one("select pg_backend_pid()", &[])
-        .await
-        .unwrap()
-        .get(0);
-    let (npid, chan, payload) = tokio::time::timeout(Duration::from_secs(5), rx.recv())
-        .await
-        .unwrap()
-        .unwrap();
+    talker.batch_execute("notify events, 'hello'").await.unwrap();
+    let talker_pid: i32 = talker.query_one("select pg_backend_pid()", &[]).await.unwrap().get(0);
+    let (npid, chan, payload) = tokio::time::timeout(Duration::from_secs(5), rx.recv()).await.unwrap().unwrap();
     assert_eq!((chan.as_str(), payload.as_str()), ("events", "hello"));
-    assert_eq!(
-        npid, talker_pid,
-        "NotificationResponse names the sender's upstream pid"
-    );
+    assert_eq!(npid, talker_pid, "NotificationResponse names the sender's upstream pid");
     assert_ne!(pid, talker_pid);
 }
 
@@ -111,13 +76,7 @@ async fn listen_notify_carries_the_upstream_backend_pid() {
 async fn large_result_and_pipelined_queries() {
     let p = proxy("", "").await;
     let c = app(&p).await;
-    let rows = c
-        .query(
-            "select g, repeat('y', 100) from generate_series(1, 200000) g",
-            &[],
-        )
-        .await
-        .unwrap();
+    let rows = c.query("select g, repeat('y', 100) from generate_series(1, 200000) g", &[]).await.unwrap();
     assert_eq!(rows.len(), 200_000);
     assert_eq!(rows[199_999].get::<_, i32>(0), 200_000);
     // tokio-postgres pipelines concurrent queries on one connection.
@@ -141,24 +100,10 @@ async fn running_query_is_cancelled_within_two_seconds() {
     let started = Instant::now();
     let q = tokio::spawn(async move { c.simple_query("select pg_sleep(30)").await.map(|_| ()) });
     tokio::time::sleep(Duration::from_millis(300)).await;
-    token
-        .cancel_query(tokio_postgres_rustls::MakeRustlsConnect::new(client_tls(
-            false,
-        )))
-        .await
-        .unwrap();
-    let res = tokio::time::timeout(Duration::from_secs(2), q)
-        .await
-        .expect("cancelled within 2 s")
-        .unwrap();
+    token.cancel_query(tokio_postgres_rustls::MakeRustlsConnect::new(client_tls(false))).await.unwrap();
+    let res = tokio::time::timeout(Duration::from_secs(2), q).await.expect("cancelled within 2 s").unwrap();
     let e = res.expect_err("query was cancelled");
-    assert_eq!(
-        db_error(&e),
-        (
-            "57014".into(),
-            "canceling statement due to user request".into()
-        )
-    );
+    assert_eq!(db_error(&e), ("57014".into(), "canceling statement due to user request".into()));
     assert!(started.elapsed() < Duration::from_secs(3));
 }
 
@@ -166,25 +111,14 @@ async fn running_query_is_cancelled_within_two_seconds() {
 async fn cancel_with_a_wrong_key_does_nothing() {
     let p = proxy("", "").await;
     let c = app(&p).await;
-    let pid: i32 = c
-        .query_one("select pg_backend_pid()", &[])
-        .await
-        .unwrap()
-        .get(0);
+    let pid: i32 = c.query_one("select pg_backend_pid()", &[]).await.unwrap().get(0);
     // A CancelRequest naming the real upstream pid but not the proxy's secret.
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut s = tokio::net::TcpStream::connect(p.addr()).await.unwrap();
-    s.write_all(&portcullis::postgres::codec::cancel_request(pid, 12345))
-        .await
-        .unwrap();
+    s.write_all(&portcullis::postgres::codec::cancel_request(pid, 12345)).await.unwrap();
     let mut buf = Vec::new();
     let _ = tokio::time::timeout(Duration::from_secs(2), s.read_to_end(&mut buf)).await;
-    let q = tokio::time::timeout(
-        Duration::from_secs(5),
-        c.simple_query("select pg_sleep(0.5)"),
-    )
-    .await
-    .unwrap();
+    let q = tokio::time::timeout(Duration::from_secs(5), c.simple_query("select pg_sleep(0.5)")).await.unwrap();
     assert!(q.is_ok(), "the session is untouched");
 }
 
@@ -197,11 +131,7 @@ async fn fifty_concurrent_sessions() {
             tokio::spawn(async move {
                 let c = connect(port, "app", APP_PASSWORD, "").await.expect("login");
                 let r: i32 = c.query_one("select $1::int", &[&i]).await.unwrap().get(0);
-                let pid: i32 = c
-                    .query_one("select pg_backend_pid()", &[])
-                    .await
-                    .unwrap()
-                    .get(0);
+                let pid: i32 = c.query_one("select pg_backend_pid()", &[]).await.unwrap().get(0);
                 (r, pid)
             })
         })

@@ -42,12 +42,7 @@ pub fn source_key(ip: IpAddr) -> IpAddr {
 impl Lockout {
     /// A lockout table with the configured thresholds.
     pub fn new(cfg: &LockoutConfig) -> Lockout {
-        Lockout {
-            max_failures: cfg.max_failures,
-            window: cfg.window,
-            ban: cfg.ban,
-            entries: DashMap::new(),
-        }
+        Lockout { max_failures: cfg.max_failures, window: cfg.window, ban: cfg.ban, entries: DashMap::new() }
     }
 
     /// True while `ip` is banned.
@@ -57,10 +52,7 @@ impl Lockout {
 
     fn is_locked_at(&self, ip: IpAddr, now: Instant) -> bool {
         let ip = source_key(ip);
-        self.entries
-            .get(&ip)
-            .and_then(|e| e.banned_until)
-            .is_some_and(|t| now < t)
+        self.entries.get(&ip).and_then(|e| e.banned_until).is_some_and(|t| now < t)
     }
 
     /// Records a failed login; returns true when this failure starts a ban.
@@ -74,16 +66,11 @@ impl Lockout {
         }
         let ip = source_key(ip);
         let mut e = self.entries.entry(ip).or_default();
-        while e
-            .failures
-            .front()
-            .is_some_and(|t| now.duration_since(*t) > self.window)
-        {
+        while e.failures.front().is_some_and(|t| now.duration_since(*t) > self.window) {
             e.failures.pop_front();
         }
         e.failures.push_back(now);
-        if e.failures.len() >= self.max_failures as usize && e.banned_until.is_none_or(|t| now >= t)
-        {
+        if e.failures.len() >= self.max_failures as usize && e.banned_until.is_none_or(|t| now >= t) {
             e.banned_until = Some(now + self.ban);
             e.failures.clear();
             return true;
@@ -96,9 +83,7 @@ impl Lockout {
         let now = Instant::now();
         self.entries.retain(|_, e| {
             e.banned_until.is_some_and(|t| now < t)
-                || e.failures
-                    .back()
-                    .is_some_and(|t| now.duration_since(*t) <= self.window)
+                || e.failures.back().is_some_and(|t| now.duration_since(*t) <= self.window)
         });
     }
 }

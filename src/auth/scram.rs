@@ -83,19 +83,12 @@ impl ScramVerifier {
         let salt = B64.decode(salt).ok()?;
         let stored_key = B64.decode(stored).ok()?.try_into().ok()?;
         let server_key = B64.decode(server).ok()?.try_into().ok()?;
-        Some(ScramVerifier {
-            iterations,
-            salt,
-            stored_key,
-            server_key,
-        })
+        Some(ScramVerifier { iterations, salt, stored_key, server_key })
     }
 
     /// Derives a verifier from a password (used for tests and the mock exchange).
     pub fn from_password(password: &str, salt: &[u8], iterations: u32) -> ScramVerifier {
-        let prepared = stringprep::saslprep(password)
-            .map(|c| c.into_owned())
-            .unwrap_or_else(|_| password.to_string());
+        let prepared = stringprep::saslprep(password).map(|c| c.into_owned()).unwrap_or_else(|_| password.to_string());
         let salted = salted_password(prepared.as_bytes(), salt, iterations);
         let client_key = hmac(&salted, b"Client Key");
         ScramVerifier {
@@ -114,12 +107,7 @@ impl ScramVerifier {
         let salt = hmac(secret, user.as_bytes());
         let mut key = [0u8; 32];
         rand::fill(&mut key);
-        ScramVerifier {
-            iterations,
-            salt: salt[..16].to_vec(),
-            stored_key: key,
-            server_key: key,
-        }
+        ScramVerifier { iterations, salt: salt[..16].to_vec(), stored_key: key, server_key: key }
     }
 }
 
@@ -132,12 +120,8 @@ pub fn server_first_params(server_first: &[u8]) -> Result<(Vec<u8>, u32), ScramE
     let msg = std::str::from_utf8(server_first).map_err(|_| ScramError::Malformed)?;
     let mut parts = msg.split(',');
     let _nonce = attr(&mut parts, 'r')?;
-    let salt = B64
-        .decode(attr(&mut parts, 's')?)
-        .map_err(|_| ScramError::Malformed)?;
-    let iterations: u32 = attr(&mut parts, 'i')?
-        .parse()
-        .map_err(|_| ScramError::Malformed)?;
+    let salt = B64.decode(attr(&mut parts, 's')?).map_err(|_| ScramError::Malformed)?;
+    let iterations: u32 = attr(&mut parts, 'i')?.parse().map_err(|_| ScramError::Malformed)?;
     if iterations == 0 || iterations > MAX_UPSTREAM_ITERATIONS {
         return Err(ScramError::Malformed);
     }
@@ -215,21 +199,13 @@ impl ScramServer {
         let mut bp = bare.split(',');
         let _user = attr(&mut bp, 'n')?; // PostgreSQL uses the startup user, not this one.
         let client_nonce = attr(&mut bp, 'r')?;
-        if client_nonce.is_empty()
-            || !client_nonce
-                .bytes()
-                .all(|b| (0x21..=0x7e).contains(&b) && b != b',')
-        {
+        if client_nonce.is_empty() || !client_nonce.bytes().all(|b| (0x21..=0x7e).contains(&b) && b != b',') {
             return Err(ScramError::Malformed);
         }
         let mut raw = [0u8; 18];
         rand::fill(&mut raw);
         let nonce = format!("{client_nonce}{}", B64.encode(raw));
-        let server_first = format!(
-            "r={nonce},s={},i={}",
-            B64.encode(&verifier.salt),
-            verifier.iterations
-        );
+        let server_first = format!("r={nonce},s={},i={}", B64.encode(&verifier.salt), verifier.iterations);
         let gs2_header = format!("{cb},{authzid},");
         Ok((
             ScramServer {
@@ -263,15 +239,9 @@ impl ScramServer {
         if r != self.nonce {
             return Err(ScramError::Nonce);
         }
-        let proof: [u8; 32] = B64
-            .decode(proof)
-            .map_err(|_| ScramError::Malformed)?
-            .try_into()
-            .map_err(|_| ScramError::Malformed)?;
-        let auth_message = format!(
-            "{},{},{}",
-            self.client_first_bare, self.server_first, without_proof
-        );
+        let proof: [u8; 32] =
+            B64.decode(proof).map_err(|_| ScramError::Malformed)?.try_into().map_err(|_| ScramError::Malformed)?;
+        let auth_message = format!("{},{},{}", self.client_first_bare, self.server_first, without_proof);
         let client_signature = hmac(&self.verifier.stored_key, auth_message.as_bytes());
         let mut client_key = [0u8; 32];
         for i in 0..32 {
@@ -306,13 +276,7 @@ impl ScramClient {
         let client_nonce = B64.encode(raw);
         let bare = format!("n=,r={client_nonce}");
         let first = format!("n,,{bare}");
-        (
-            ScramClient {
-                client_nonce,
-                client_first_bare: bare,
-            },
-            first,
-        )
+        (ScramClient { client_nonce, client_first_bare: bare }, first)
     }
 
     /// Handles server-first; `salted` computes (or fetches from a cache) SaltedPassword for
@@ -325,16 +289,9 @@ impl ScramClient {
         let msg = std::str::from_utf8(server_first).map_err(|_| ScramError::Malformed)?;
         let mut parts = msg.split(',');
         let nonce = attr(&mut parts, 'r')?;
-        let salt = B64
-            .decode(attr(&mut parts, 's')?)
-            .map_err(|_| ScramError::Malformed)?;
-        let iterations: u32 = attr(&mut parts, 'i')?
-            .parse()
-            .map_err(|_| ScramError::Malformed)?;
-        if !nonce.starts_with(&self.client_nonce)
-            || nonce.len() == self.client_nonce.len()
-            || iterations == 0
-        {
+        let salt = B64.decode(attr(&mut parts, 's')?).map_err(|_| ScramError::Malformed)?;
+        let iterations: u32 = attr(&mut parts, 'i')?.parse().map_err(|_| ScramError::Malformed)?;
+        if !nonce.starts_with(&self.client_nonce) || nonce.len() == self.client_nonce.len() || iterations == 0 {
             return Err(ScramError::Nonce);
         }
         let salted = salted(&salt, iterations);
@@ -349,10 +306,7 @@ impl ScramClient {
         }
         let server_key = hmac(&salted, b"Server Key");
         let server_signature = hmac(&server_key, auth_message.as_bytes());
-        Ok((
-            ScramClientFinal { server_signature },
-            format!("{without_proof},p={}", B64.encode(proof)),
-        ))
+        Ok((ScramClientFinal { server_signature }, format!("{without_proof},p={}", B64.encode(proof))))
     }
 }
 
@@ -361,22 +315,14 @@ impl ScramClientFinal {
     pub fn verify(self, server_final: &[u8]) -> Result<(), ScramError> {
         let msg = std::str::from_utf8(server_final).map_err(|_| ScramError::Malformed)?;
         let v = msg.strip_prefix("v=").ok_or(ScramError::Auth)?;
-        let sig = B64
-            .decode(v.split(',').next().unwrap_or_default())
-            .map_err(|_| ScramError::Malformed)?;
-        if bool::from(sig.as_slice().ct_eq(&self.server_signature)) {
-            Ok(())
-        } else {
-            Err(ScramError::Auth)
-        }
+        let sig = B64.decode(v.split(',').next().unwrap_or_default()).map_err(|_| ScramError::Malformed)?;
+        if bool::from(sig.as_slice().ct_eq(&self.server_signature)) { Ok(()) } else { Err(ScramError::Auth) }
     }
 }
 
 /// SASLprep of a password, as libpq does before SCRAM (falls back to the raw bytes).
 pub fn prepare_password(password: &str) -> String {
-    stringprep::saslprep(password)
-        .map(|c| c.into_owned())
-        .unwrap_or_else(|_| password.to_string())
+    stringprep::saslprep(password).map(|c| c.into_owned()).unwrap_or_else(|_| password.to_string())
 }
 
 #[cfg(test)]
@@ -385,8 +331,7 @@ mod tests {
 
     fn run(verifier: ScramVerifier, password: &str) -> Result<(), ScramError> {
         let (client, first) = ScramClient::start();
-        let (server, server_first) =
-            ScramServer::start(verifier, SCRAM_SHA_256, false, first.as_bytes())?;
+        let (server, server_first) = ScramServer::start(verifier, SCRAM_SHA_256, false, first.as_bytes())?;
         let (client, fin) = client.respond(server_first.as_bytes(), |salt, i| {
             salted_password(prepare_password(password).as_bytes(), salt, i)
         })?;
@@ -429,19 +374,11 @@ mod tests {
         // 'y' is fine when PLUS was not offered.
         assert!(ScramServer::start(v.clone(), SCRAM_SHA_256, false, b"y,,n=,r=abc").is_ok());
         // Bound exchange: wrong cb data fails, right one passes the binding check.
-        let (s, _) = ScramServer::start(
-            v.clone(),
-            SCRAM_SHA_256_PLUS,
-            true,
-            b"p=tls-server-end-point,,n=,r=abc",
-        )
-        .unwrap();
+        let (s, _) =
+            ScramServer::start(v.clone(), SCRAM_SHA_256_PLUS, true, b"p=tls-server-end-point,,n=,r=abc").unwrap();
         let c = B64.encode(b"p=tls-server-end-point,,OTHER");
         let fin = format!("c={c},r={},p={}", s.nonce, B64.encode([0u8; 32]));
-        assert_eq!(
-            s.finish(fin.as_bytes(), Some(b"HASH")).unwrap_err(),
-            ScramError::ChannelBinding
-        );
+        assert_eq!(s.finish(fin.as_bytes(), Some(b"HASH")).unwrap_err(), ScramError::ChannelBinding);
     }
 
     #[test]
@@ -458,10 +395,7 @@ mod tests {
 
     #[test]
     fn upstream_challenge_limits() {
-        assert_eq!(
-            server_first_params(b"r=abc,s=c2FsdA==,i=4096").unwrap(),
-            (b"salt".to_vec(), 4096)
-        );
+        assert_eq!(server_first_params(b"r=abc,s=c2FsdA==,i=4096").unwrap(), (b"salt".to_vec(), 4096));
         assert!(server_first_params(b"r=abc,s=c2FsdA==,i=0").is_err());
         assert!(server_first_params(b"r=abc,s=c2FsdA==,i=4000000000").is_err());
         assert!(server_first_params(b"r=abc,i=4096").is_err());
@@ -470,22 +404,10 @@ mod tests {
     #[test]
     fn malformed_inputs_do_not_panic() {
         let v = ScramVerifier::from_password("pw", b"salt", 4096);
-        for bad in [
-            &b""[..],
-            b"n",
-            b"n,,",
-            b"n,,r=x",
-            b"x,,n=,r=a",
-            b"n,a=b,n=,r=x",
-            b"n,,n=,r=",
-            b"\xff\xfe",
-        ] {
+        for bad in [&b""[..], b"n", b"n,,", b"n,,r=x", b"x,,n=,r=a", b"n,a=b,n=,r=x", b"n,,n=,r=", b"\xff\xfe"] {
             assert!(ScramServer::start(v.clone(), SCRAM_SHA_256, false, bad).is_err());
         }
         let (s, _) = ScramServer::start(v, SCRAM_SHA_256, false, b"n,,n=,r=abc").unwrap();
-        assert_eq!(
-            s.finish(b"garbage", None).unwrap_err(),
-            ScramError::Malformed
-        );
+        assert_eq!(s.finish(b"garbage", None).unwrap_err(), ScramError::Malformed);
     }
 }

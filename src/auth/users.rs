@@ -24,9 +24,15 @@ struct RawUser {
     #[serde(default)]
     postgres_scram: Option<Spanned<String>>,
     #[serde(default)]
-    redis_argon2: Option<String>,
+    redis_argon2: Option<Spanned<String>>,
     #[serde(default)]
-    redis_rules: Option<String>,
+    redis_rules: Option<Spanned<String>>,
+    #[serde(default)]
+    redis_upstream_user: Option<String>,
+    #[serde(default)]
+    redis_upstream_password_file: Option<PathBuf>,
+    #[serde(default)]
+    redis_upstream_password_env: Option<String>,
     #[serde(default)]
     upstream_user: Option<String>,
     #[serde(default)]
@@ -44,10 +50,14 @@ pub struct User {
     pub name: String,
     /// SCRAM-SHA-256 verifier (`scram` mode); no verifier means no password login.
     pub postgres_scram: Option<ScramVerifier>,
-    /// Argon2id PHC string for Redis `AUTH` (used by the Redis side).
+    /// Argon2id PHC string for Redis `AUTH`; no string means no password login on Redis.
     pub redis_argon2: Option<String>,
-    /// Redis ACL rules for this user (used by the Redis side).
-    pub redis_rules: Option<String>,
+    /// Redis ACL rules for this user; else the listener's `default_rules`.
+    pub redis_rules: Option<crate::policy::AclRules>,
+    /// Redis ACL user the proxy logs in upstream as for this user; else the listener's.
+    pub redis_upstream_user: Option<String>,
+    /// Its password; else the listener's.
+    pub redis_upstream_password: Option<SecretRef>,
     /// Upstream role for this user; else the listener's.
     pub upstream_user: Option<String>,
     /// Secret for `upstream_user`; else the listener's.
@@ -75,10 +85,7 @@ impl Users {
             let err = |span, msg: String| ConfigError::at(path, &src, Some(span), msg);
             let name = u.name.get_ref().clone();
             if name.is_empty() || users.by_name.contains_key(&name) {
-                return Err(err(
-                    u.name.span(),
-                    format!("empty or duplicate user name {name:?}"),
-                ));
+                return Err(err(u.name.span(), format!("empty or duplicate user name {name:?}")));
             }
             let postgres_scram = match &u.postgres_scram {
                 Some(s) => Some(
@@ -87,25 +94,34 @@ impl Users {
                 ),
                 None => None,
             };
-            let upstream_password =
-                SecretRef::from_parts(u.upstream_password_file, u.upstream_password_env)
+            let upstream_password = SecretRef::from_parts(u.upstream_password_file, u.upstream_password_env)
+                .map_err(|m| err(u.name.span(), m))?;
+            let redis_upstream_password =
+                SecretRef::from_parts(u.redis_upstream_password_file, u.redis_upstream_password_env)
                     .map_err(|m| err(u.name.span(), m))?;
+            let redis_argon2 = match &u.redis_argon2 {
+                Some(s) => {
+                    if argon2::PasswordHash::new(s.get_ref()).is_err() {
+                        return Err(err(
+                            s.span(),
+                            "redis_argon2 is not a PHC string (use `portcullis user hash --protocol redis`)".into(),
+                        ));
+                    }
+                    Some(s.get_ref().clone())
+                }
+                None => None,
+            };
+            let redis_rules = match &u.redis_rules {
+                Some(s) => Some(crate::policy::AclRules::parse(s.get_ref()).map_err(|e| err(s.span(), e.to_string()))?),
+                None => None,
+            };
             let mut subjects = Vec::new();
             for s in &u.cert_subjects {
                 let subject = normalize_subject(s.get_ref()).ok_or_else(|| {
-                    err(
-                        s.span(),
-                        format!(
-                            "cert subject {:?}: expected CN=, DNS:, EMAIL: or URI:",
-                            s.get_ref()
-                        ),
-                    )
+                    err(s.span(), format!("cert subject {:?}: expected CN=, DNS:, EMAIL: or URI:", s.get_ref()))
                 })?;
                 if let Some(other) = users.by_subject.insert(subject.clone(), name.clone()) {
-                    return Err(err(
-                        s.span(),
-                        format!("cert subject {subject:?} already maps to user {other:?}"),
-                    ));
+                    return Err(err(s.span(), format!("cert subject {subject:?} already maps to user {other:?}")));
                 }
                 subjects.push(subject);
             }
@@ -114,8 +130,10 @@ impl Users {
                 User {
                     name,
                     postgres_scram,
-                    redis_argon2: u.redis_argon2,
-                    redis_rules: u.redis_rules,
+                    redis_argon2,
+                    redis_rules,
+                    redis_upstream_user: u.redis_upstream_user,
+                    redis_upstream_password,
                     upstream_user: u.upstream_user,
                     upstream_password,
                     cert_subjects: subjects,
@@ -131,31 +149,18 @@ impl Users {
     }
 
     /// The user that one of these certificate subjects maps to (first match in the given order).
-    pub fn by_cert_subjects<'a>(
-        &self,
-        subjects: impl IntoIterator<Item = &'a str>,
-    ) -> Option<&User> {
-        subjects
-            .into_iter()
-            .find_map(|s| self.by_subject.get(s))
-            .and_then(|n| self.by_name.get(n))
+    pub fn by_cert_subjects<'a>(&self, subjects: impl IntoIterator<Item = &'a str>) -> Option<&User> {
+        subjects.into_iter().find_map(|s| self.by_subject.get(s)).and_then(|n| self.by_name.get(n))
     }
 
     /// The most common SCRAM iteration count among the verifiers (4096 when none), so a mock
     /// exchange for an unknown user looks like a real one.
     pub fn mock_iterations(&self) -> u32 {
         let mut counts: HashMap<u32, usize> = HashMap::new();
-        for v in self
-            .by_name
-            .values()
-            .filter_map(|u| u.postgres_scram.as_ref())
-        {
+        for v in self.by_name.values().filter_map(|u| u.postgres_scram.as_ref()) {
             *counts.entry(v.iterations).or_default() += 1;
         }
-        counts
-            .into_iter()
-            .max_by_key(|(i, n)| (*n, *i))
-            .map_or(DEFAULT_ITERATIONS, |(i, _)| i)
+        counts.into_iter().max_by_key(|(i, n)| (*n, *i)).map_or(DEFAULT_ITERATIONS, |(i, _)| i)
     }
 
     /// Number of users (for logs).
@@ -194,10 +199,7 @@ mod tests {
     #[test]
     fn subjects_normalize() {
         assert_eq!(normalize_subject("CN=app").as_deref(), Some("CN=app"));
-        assert_eq!(
-            normalize_subject("dns:app.internal").as_deref(),
-            Some("DNS:app.internal")
-        );
+        assert_eq!(normalize_subject("dns:app.internal").as_deref(), Some("DNS:app.internal"));
         assert_eq!(normalize_subject("IP:1.2.3.4"), None);
         assert_eq!(normalize_subject("CN="), None);
     }

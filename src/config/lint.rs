@@ -42,33 +42,19 @@ fn loopback(a: &SocketAddr) -> bool {
 fn is_private(ip: std::net::IpAddr) -> bool {
     match ip {
         std::net::IpAddr::V4(v4) => v4.is_private() || v4.is_link_local(),
-        std::net::IpAddr::V6(v6) => {
-            (v6.segments()[0] & 0xfe00) == 0xfc00 || v6.is_unicast_link_local()
-        }
+        std::net::IpAddr::V6(v6) => (v6.segments()[0] & 0xfe00) == 0xfc00 || v6.is_unicast_link_local(),
     }
 }
 
 fn upstream_is_local(upstream: &str) -> bool {
-    let host = upstream
-        .rsplit_once(':')
-        .map(|(h, _)| h.trim_matches(['[', ']']))
-        .unwrap_or(upstream);
-    host == "localhost"
-        || host
-            .parse::<std::net::IpAddr>()
-            .is_ok_and(|ip| ip.is_loopback())
+    let host = upstream.rsplit_once(':').map(|(h, _)| h.trim_matches(['[', ']'])).unwrap_or(upstream);
+    host == "localhost" || host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback())
 }
 
 /// Every finding for `cfg`, errors first.
 pub fn lint(cfg: &Config) -> Vec<Finding> {
     let mut out = Vec::new();
-    let mut add = |id, severity, message: String| {
-        out.push(Finding {
-            id,
-            severity,
-            message,
-        })
-    };
+    let mut add = |id, severity, message: String| out.push(Finding { id, severity, message });
     let admin_ip = cfg.admin_listen.ip();
     if admin_ip.is_unspecified() {
         add(
@@ -90,39 +76,28 @@ pub fn lint(cfg: &Config) -> Vec<Finding> {
         );
     }
     if cfg.tls.min_version == TlsMinVersion::Tls12 {
-        add("PC006", Severity::Warning, "[tls] min_version = \"1.2\": TLS 1.3 is the default; allow 1.2 only for legacy clients".into());
+        add(
+            "PC006",
+            Severity::Warning,
+            "[tls] min_version = \"1.2\": TLS 1.3 is the default; allow 1.2 only for legacy clients".into(),
+        );
     }
     if let Err(e) = crate::net::tls::Served::load(&cfg.tls) {
-        add(
-            "PC015",
-            Severity::Error,
-            format!("[tls] does not load: {e}"),
-        );
+        add("PC015", Severity::Error, format!("[tls] does not load: {e}"));
     }
     if cfg.lockout.max_failures == 0 {
-        add(
-            "PC012",
-            Severity::Warning,
-            "[lockout] max_failures = 0 disables the failed-login lockout".into(),
-        );
+        add("PC012", Severity::Warning, "[lockout] max_failures = 0 disables the failed-login lockout".into());
     }
     for p in &cfg.postgres {
         let n = &p.name;
         if p.tls == ListenerTls::Disabled {
             if loopback(&p.listen) {
-                add(
-                    "PC002",
-                    Severity::Warning,
-                    format!("listener {n:?}: plaintext (tls = \"disabled\") on loopback"),
-                );
+                add("PC002", Severity::Warning, format!("listener {n:?}: plaintext (tls = \"disabled\") on loopback"));
             } else {
                 add(
                     "PC001",
                     Severity::Error,
-                    format!(
-                        "listener {n:?}: plaintext on non-loopback address {}",
-                        p.listen
-                    ),
+                    format!("listener {n:?}: plaintext on non-loopback address {}", p.listen),
                 );
             }
         }
@@ -130,9 +105,7 @@ pub fn lint(cfg: &Config) -> Vec<Finding> {
             add(
                 "PC004",
                 Severity::Error,
-                format!(
-                    "listener {n:?}: deny_users is empty: list the bootstrap/superuser roles (e.g. \"postgres\")"
-                ),
+                format!("listener {n:?}: deny_users is empty: list the bootstrap/superuser roles (e.g. \"postgres\")"),
             );
         }
         if !p.deny_superuser {
@@ -148,28 +121,21 @@ pub fn lint(cfg: &Config) -> Vec<Finding> {
             add(
                 "PC007",
                 Severity::Warning,
-                format!(
-                    "listener {n:?}: no allow-list on a non-loopback address: any source may connect"
-                ),
+                format!("listener {n:?}: no allow-list on a non-loopback address: any source may connect"),
             );
         }
         if p.upstream_tls.is_none() && !upstream_is_local(&p.upstream) {
             add(
                 "PC008",
                 Severity::Warning,
-                format!(
-                    "listener {n:?}: upstream {} is not loopback and upstream_tls is not set",
-                    p.upstream
-                ),
+                format!("listener {n:?}: upstream {} is not loopback and upstream_tls is not set", p.upstream),
             );
         }
         if p.auth == PgAuthMode::Passthrough {
             add(
                 "PC009",
                 Severity::Warning,
-                format!(
-                    "listener {n:?}: auth = \"passthrough\": unauthenticated clients reach the upstream"
-                ),
+                format!("listener {n:?}: auth = \"passthrough\": unauthenticated clients reach the upstream"),
             );
         }
         if let Some(u) = &p.upstream_user
@@ -189,18 +155,12 @@ pub fn lint(cfg: &Config) -> Vec<Finding> {
                 Err(e) => add(
                     "PC010",
                     Severity::Error,
-                    format!(
-                        "listener {n:?}: upstream_password_file {}: {e}",
-                        f.display()
-                    ),
+                    format!("listener {n:?}: upstream_password_file {}: {e}", f.display()),
                 ),
                 Ok(m) if m.permissions().mode() & 0o007 != 0 => add(
                     "PC011",
                     Severity::Warning,
-                    format!(
-                        "listener {n:?}: upstream_password_file {} is readable by others (chmod 600)",
-                        f.display()
-                    ),
+                    format!("listener {n:?}: upstream_password_file {} is readable by others (chmod 600)", f.display()),
                 ),
                 Ok(_) => {}
             }
@@ -208,19 +168,11 @@ pub fn lint(cfg: &Config) -> Vec<Finding> {
         if let Some(SecretRef::Env(v)) = &p.upstream_password
             && std::env::var_os(v).is_none()
         {
-            add(
-                "PC010",
-                Severity::Error,
-                format!("listener {n:?}: upstream_password_env {v} is not set"),
-            );
+            add("PC010", Severity::Error, format!("listener {n:?}: upstream_password_env {v} is not set"));
         }
         if let Some(uf) = &p.users_file {
             match crate::auth::Users::load(uf) {
-                Err(e) => add(
-                    "PC014",
-                    Severity::Error,
-                    format!("listener {n:?}: users file: {e}"),
-                ),
+                Err(e) => add("PC014", Severity::Error, format!("listener {n:?}: users file: {e}")),
                 Ok(users) => {
                     for d in &p.deny_users {
                         if let Some(u) = users.get(d).and_then(|u| u.upstream_user.as_ref()) {

@@ -33,41 +33,26 @@ fn location(file: &Path, line: &Option<usize>, col: &Option<usize>) -> String {
 }
 
 impl ConfigError {
-    pub(crate) fn at(
-        file: &Path,
-        src: &str,
-        span: Option<Range<usize>>,
-        msg: impl Into<String>,
-    ) -> Self {
+    pub(crate) fn at(file: &Path, src: &str, span: Option<Range<usize>>, msg: impl Into<String>) -> Self {
         let (line, col) = match span {
             Some(s) => {
                 let before = &src[..s.start.min(src.len())];
                 let line = before.matches('\n').count() + 1;
-                let col = before
-                    .rfind('\n')
-                    .map_or(before.len(), |i| before.len() - i - 1)
-                    + 1;
+                let col = before.rfind('\n').map_or(before.len(), |i| before.len() - i - 1) + 1;
                 (Some(line), Some(col))
             }
             None => (None, None),
         };
-        ConfigError {
-            file: file.to_path_buf(),
-            line,
-            col,
-            msg: msg.into(),
-        }
+        ConfigError { file: file.to_path_buf(), line, col, msg: msg.into() }
     }
 }
 
 /// Reads a TOML file into `T` (`deny_unknown_fields` everywhere), with located errors.
-pub(crate) fn parse_toml<T: serde::de::DeserializeOwned>(
-    path: &Path,
-) -> Result<(T, String), ConfigError> {
-    let src = std::fs::read_to_string(path)
-        .map_err(|e| ConfigError::at(path, "", None, format!("cannot read: {e}")))?;
-    let value = toml::from_str::<T>(&src)
-        .map_err(|e| ConfigError::at(path, &src, e.span(), e.message().to_string()))?;
+pub(crate) fn parse_toml<T: serde::de::DeserializeOwned>(path: &Path) -> Result<(T, String), ConfigError> {
+    let src =
+        std::fs::read_to_string(path).map_err(|e| ConfigError::at(path, "", None, format!("cannot read: {e}")))?;
+    let value =
+        toml::from_str::<T>(&src).map_err(|e| ConfigError::at(path, &src, e.span(), e.message().to_string()))?;
     Ok((value, src))
 }
 
@@ -97,16 +82,10 @@ mod tests {
         assert_eq!(c.admin_listen.to_string(), "127.0.0.1:9898");
         assert_eq!(c.tls.min_version, TlsMinVersion::Tls13);
         assert_eq!(c.tls.client_auth, ClientAuth::None);
-        assert_eq!(
-            c.limits.handshake_timeout,
-            std::time::Duration::from_secs(10)
-        );
+        assert_eq!(c.limits.handshake_timeout, std::time::Duration::from_secs(10));
         assert_eq!(c.lockout.max_failures, 10);
         let p = &c.postgres[0];
-        assert_eq!(
-            (p.auth, p.tls, p.deny_superuser),
-            (PgAuthMode::Scram, ListenerTls::Required, true)
-        );
+        assert_eq!((p.auth, p.tls, p.deny_superuser), (PgAuthMode::Scram, ListenerTls::Required, true));
     }
 
     #[test]
@@ -115,26 +94,23 @@ mod tests {
             (format!("{MIN}bogus = 1\n"), 9, "unknown field"),
             (MIN.replace("127.0.0.1:1", "nowhere"), 6, "not an ip:port"),
             (format!("{MIN}allow = [\"10.0.0.0/33\"]\n"), 9, "not a CIDR"),
-            (
-                format!("[limits]\nhandshake_timeout = \"soon\"\n{MIN}"),
-                2,
-                "bad duration",
-            ),
-            (
-                MIN.replace("key = \"k\"", "key = \"k\"\nmin_version = \"1.0\""),
-                4,
-                "min_version",
-            ),
-            (
-                format!("{MIN}upstream_password = \"x\"\n"),
-                9,
-                "inline secrets",
-            ),
+            (format!("[limits]\nhandshake_timeout = \"soon\"\n{MIN}"), 2, "bad duration"),
+            (MIN.replace("key = \"k\"", "key = \"k\"\nmin_version = \"1.0\""), 4, "min_version"),
+            (format!("{MIN}upstream_password = \"x\"\n"), 9, "inline secrets"),
             (format!("{MIN}auth = \"ldap\"\n"), 9, "expected scram"),
             (
-                format!("{MIN}[[redis]]\nname = \"r\"\n"),
-                9,
+                format!(
+                    "{MIN}[[redis]]\nname = \"r\"\nlisten = \"127.0.0.1:2\"\nupstream = \"r:6379\"\nusers_file = \"u\"\nttl = []\n"
+                ),
+                14,
                 "not supported",
+            ),
+            (
+                format!(
+                    "{MIN}[[redis]]\nname = \"r\"\nlisten = \"127.0.0.1:2\"\nupstream = \"r:6379\"\nusers_file = \"u\"\ndefault_rules = \"+@all on\"\n"
+                ),
+                14,
+                "ACL rule",
             ),
         ];
         for (body, line, text) in cases {

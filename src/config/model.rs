@@ -12,25 +12,14 @@ use toml::Spanned;
 use super::{ConfigError, SecretRef};
 
 fn dur(s: &Spanned<String>, file: &Path, src: &str) -> Result<Duration, ConfigError> {
-    humantime::parse_duration(s.get_ref()).map_err(|e| {
-        ConfigError::at(
-            file,
-            src,
-            Some(s.span()),
-            format!("bad duration {:?}: {e}", s.get_ref()),
-        )
-    })
+    humantime::parse_duration(s.get_ref())
+        .map_err(|e| ConfigError::at(file, src, Some(s.span()), format!("bad duration {:?}: {e}", s.get_ref())))
 }
 
 fn addr(s: &Spanned<String>, file: &Path, src: &str) -> Result<SocketAddr, ConfigError> {
-    s.get_ref().parse().map_err(|_| {
-        ConfigError::at(
-            file,
-            src,
-            Some(s.span()),
-            format!("{:?} is not an ip:port address", s.get_ref()),
-        )
-    })
+    s.get_ref()
+        .parse()
+        .map_err(|_| ConfigError::at(file, src, Some(s.span()), format!("{:?} is not an ip:port address", s.get_ref())))
 }
 
 #[derive(Debug, Deserialize)]
@@ -46,7 +35,79 @@ pub(crate) struct RawConfig {
     #[serde(default)]
     postgres: Vec<RawPostgres>,
     #[serde(default)]
-    redis: Vec<Spanned<toml::Table>>,
+    redis: Vec<RawRedis>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRedis {
+    name: Spanned<String>,
+    listen: Spanned<String>,
+    upstream: Spanned<String>,
+    #[serde(default)]
+    tls: Option<Spanned<String>>,
+    #[serde(default)]
+    users_file: Option<PathBuf>,
+    #[serde(default)]
+    upstream_user: Option<String>,
+    #[serde(default)]
+    upstream_password_file: Option<PathBuf>,
+    #[serde(default)]
+    upstream_password_env: Option<String>,
+    #[serde(default)]
+    upstream_password: Option<Spanned<toml::Value>>,
+    #[serde(default)]
+    default_rules: Option<Spanned<String>>,
+    #[serde(default)]
+    allow: Vec<Spanned<String>>,
+    #[serde(default)]
+    max_connections: Option<usize>,
+    #[serde(default)]
+    upstream_tls: Option<RawUpstreamTls>,
+    #[serde(default)]
+    max_bulk_len: Option<u64>,
+    #[serde(default)]
+    max_multibulk_len: Option<u64>,
+    #[serde(default = "d_true")]
+    redact_keys: bool,
+    #[serde(default)]
+    ttl: Option<Spanned<toml::Value>>,
+}
+
+/// The default Redis policy when neither the user nor the listener names one.
+pub const DEFAULT_REDIS_RULES: &str = "+@all -@dangerous -@scripting -dump";
+
+/// `[[redis]]`.
+#[derive(Debug, Clone)]
+pub struct RedisListener {
+    /// Listener name: metric label and audit field.
+    pub name: String,
+    /// Address clients connect to.
+    pub listen: SocketAddr,
+    /// The real Redis (`host:port`).
+    pub upstream: String,
+    /// TLS requirement (default `required`: TLS from the first byte).
+    pub tls: ListenerTls,
+    /// Users file (Argon2id secrets, rules, cert subjects).
+    pub users_file: PathBuf,
+    /// ACL user the proxy logs in upstream as (default: none, i.e. `AUTH <password>` as `default`).
+    pub upstream_user: Option<String>,
+    /// Its password.
+    pub upstream_password: Option<SecretRef>,
+    /// Rules for users without `redis_rules` (default `+@all -@dangerous -@scripting -dump`).
+    pub default_rules: crate::policy::AclRules,
+    /// The same, as written (for `check`).
+    pub default_rules_text: String,
+    /// Source CIDRs allowed to connect; empty means any.
+    pub allow: Vec<IpNet>,
+    /// Open connections on this listener (default: only the global limit).
+    pub max_connections: Option<usize>,
+    /// Verified TLS to the upstream when present.
+    pub upstream_tls: Option<UpstreamTls>,
+    /// Request limits (proto-max-bulk-len, multibulk length).
+    pub limits: crate::redis::codec::Limits,
+    /// Audit keys as keyed hashes (default true).
+    pub redact_keys: bool,
 }
 
 #[derive(Debug, Deserialize)]
@@ -56,9 +117,7 @@ struct RawAdmin {
 }
 impl Default for RawAdmin {
     fn default() -> Self {
-        RawAdmin {
-            listen: Spanned::new(0..0, "127.0.0.1:9898".into()),
-        }
+        RawAdmin { listen: Spanned::new(0..0, "127.0.0.1:9898".into()) }
     }
 }
 
@@ -143,11 +202,7 @@ fn d_max_failures() -> u32 {
 }
 impl Default for RawLockout {
     fn default() -> Self {
-        RawLockout {
-            max_failures: d_max_failures(),
-            window: d_1m(),
-            ban: d_5m(),
-        }
+        RawLockout { max_failures: d_max_failures(), window: d_1m(), ban: d_5m() }
     }
 }
 
@@ -205,6 +260,8 @@ pub struct Config {
     pub lockout: Lockout,
     /// PostgreSQL listeners.
     pub postgres: Vec<PostgresListener>,
+    /// Redis listeners.
+    pub redis: Vec<RedisListener>,
 }
 
 /// Lowest TLS version accepted from clients.
@@ -332,53 +389,25 @@ pub struct PostgresListener {
 
 impl RawConfig {
     pub(crate) fn validate(self, file: &Path, src: &str) -> Result<Config, ConfigError> {
-        let err =
-            |span: std::ops::Range<usize>, msg: String| ConfigError::at(file, src, Some(span), msg);
-        if let Some(r) = self.redis.first() {
-            return Err(err(
-                r.span(),
-                "[[redis]] listeners are not supported by this build yet".into(),
-            ));
-        }
-        let min_version = match self
-            .tls
-            .min_version
-            .as_ref()
-            .map(|s| (s.get_ref().as_str(), s.span()))
-        {
+        let err = |span: std::ops::Range<usize>, msg: String| ConfigError::at(file, src, Some(span), msg);
+        let min_version = match self.tls.min_version.as_ref().map(|s| (s.get_ref().as_str(), s.span())) {
             None | Some(("1.3", _)) => TlsMinVersion::Tls13,
             Some(("1.2", _)) => TlsMinVersion::Tls12,
             Some((v, span)) => {
-                return Err(err(
-                    span,
-                    format!("min_version {v:?} is not allowed: use \"1.3\" (default) or \"1.2\""),
-                ));
+                return Err(err(span, format!("min_version {v:?} is not allowed: use \"1.3\" (default) or \"1.2\"")));
             }
         };
-        let client_auth = match self
-            .tls
-            .client_auth
-            .as_ref()
-            .map(|s| (s.get_ref().as_str(), s.span()))
-        {
+        let client_auth = match self.tls.client_auth.as_ref().map(|s| (s.get_ref().as_str(), s.span())) {
             None if self.tls.client_ca.is_some() => ClientAuth::Optional,
             None | Some(("none", _)) => ClientAuth::None,
             Some(("optional", _)) => ClientAuth::Optional,
             Some(("required", _)) => ClientAuth::Required,
             Some((v, span)) => {
-                return Err(err(
-                    span,
-                    format!("client_auth {v:?}: expected none, optional or required"),
-                ));
+                return Err(err(span, format!("client_auth {v:?}: expected none, optional or required")));
             }
         };
         if client_auth != ClientAuth::None && self.tls.client_ca.is_none() {
-            let span = self
-                .tls
-                .client_auth
-                .as_ref()
-                .map(|s| s.span())
-                .unwrap_or(0..0);
+            let span = self.tls.client_auth.as_ref().map(|s| s.span()).unwrap_or(0..0);
             return Err(err(span, "client_auth needs client_ca".into()));
         }
         let tls = TlsConfig {
@@ -406,48 +435,28 @@ impl RawConfig {
         let mut postgres = Vec::new();
         for p in self.postgres {
             if !names.insert(p.name.get_ref().clone()) {
-                return Err(err(
-                    p.name.span(),
-                    format!("duplicate listener name {:?}", p.name.get_ref()),
-                ));
+                return Err(err(p.name.span(), format!("duplicate listener name {:?}", p.name.get_ref())));
             }
             let listen = addr(&p.listen, file, src)?;
             if !listens.insert(listen) {
-                return Err(err(
-                    p.listen.span(),
-                    format!("address {listen} is used by two listeners"),
-                ));
+                return Err(err(p.listen.span(), format!("address {listen} is used by two listeners")));
             }
-            if p.upstream
-                .get_ref()
-                .rsplit_once(':')
-                .and_then(|(_, port)| port.parse::<u16>().ok())
-                .is_none()
-            {
-                return Err(err(
-                    p.upstream.span(),
-                    format!("upstream {:?} must be host:port", p.upstream.get_ref()),
-                ));
+            if p.upstream.get_ref().rsplit_once(':').and_then(|(_, port)| port.parse::<u16>().ok()).is_none() {
+                return Err(err(p.upstream.span(), format!("upstream {:?} must be host:port", p.upstream.get_ref())));
             }
             let auth = match p.auth.as_ref().map(|s| (s.get_ref().as_str(), s.span())) {
                 None | Some(("scram", _)) => PgAuthMode::Scram,
                 Some(("cert", _)) => PgAuthMode::Cert,
                 Some(("passthrough", _)) => PgAuthMode::Passthrough,
                 Some((v, span)) => {
-                    return Err(err(
-                        span,
-                        format!("auth {v:?}: expected scram, cert or passthrough"),
-                    ));
+                    return Err(err(span, format!("auth {v:?}: expected scram, cert or passthrough")));
                 }
             };
             let ltls = match p.tls.as_ref().map(|s| (s.get_ref().as_str(), s.span())) {
                 None | Some(("required", _)) => ListenerTls::Required,
                 Some(("disabled", _)) => ListenerTls::Disabled,
                 Some((v, span)) => {
-                    return Err(err(
-                        span,
-                        format!("tls {v:?}: expected required or disabled"),
-                    ));
+                    return Err(err(span, format!("tls {v:?}: expected required or disabled")));
                 }
             };
             if let Some(v) = &p.upstream_password {
@@ -456,20 +465,13 @@ impl RawConfig {
                     "inline secrets are not accepted: use upstream_password_file or upstream_password_env".into(),
                 ));
             }
-            let upstream_password =
-                SecretRef::from_parts(p.upstream_password_file, p.upstream_password_env)
-                    .map_err(|m| err(p.name.span(), m))?;
+            let upstream_password = SecretRef::from_parts(p.upstream_password_file, p.upstream_password_env)
+                .map_err(|m| err(p.name.span(), m))?;
             if auth != PgAuthMode::Passthrough && p.users_file.is_none() {
-                return Err(err(
-                    p.name.span(),
-                    "auth scram/cert needs users_file".into(),
-                ));
+                return Err(err(p.name.span(), "auth scram/cert needs users_file".into()));
             }
             if auth == PgAuthMode::Cert && tls.client_ca.is_none() {
-                return Err(err(
-                    p.name.span(),
-                    "auth = \"cert\" needs [tls] client_ca".into(),
-                ));
+                return Err(err(p.name.span(), "auth = \"cert\" needs [tls] client_ca".into()));
             }
             let mut allow = Vec::new();
             for a in &p.allow {
@@ -493,18 +495,85 @@ impl RawConfig {
                 deny_superuser: p.deny_superuser,
                 allow,
                 max_connections: p.max_connections,
-                upstream_tls: p.upstream_tls.map(|u| UpstreamTls {
-                    ca: u.ca,
-                    server_name: u.server_name,
-                }),
+                upstream_tls: p.upstream_tls.map(|u| UpstreamTls { ca: u.ca, server_name: u.server_name }),
             });
         }
-        if postgres.is_empty() {
+        let mut redis = Vec::new();
+        for r in self.redis {
+            if !names.insert(r.name.get_ref().clone()) {
+                return Err(err(r.name.span(), format!("duplicate listener name {:?}", r.name.get_ref())));
+            }
+            let listen = addr(&r.listen, file, src)?;
+            if !listens.insert(listen) {
+                return Err(err(r.listen.span(), format!("address {listen} is used by two listeners")));
+            }
+            if r.upstream.get_ref().rsplit_once(':').and_then(|(_, port)| port.parse::<u16>().ok()).is_none() {
+                return Err(err(r.upstream.span(), format!("upstream {:?} must be host:port", r.upstream.get_ref())));
+            }
+            if let Some(t) = &r.ttl {
+                return Err(err(t.span(), "ttl rules are not supported by this build yet".into()));
+            }
+            if let Some(v) = &r.upstream_password {
+                return Err(err(
+                    v.span(),
+                    "inline secrets are not accepted: use upstream_password_file or upstream_password_env".into(),
+                ));
+            }
+            let tls = match r.tls.as_ref().map(|s| (s.get_ref().as_str(), s.span())) {
+                None | Some(("required", _)) => ListenerTls::Required,
+                Some(("disabled", _)) => ListenerTls::Disabled,
+                Some((v, span)) => return Err(err(span, format!("tls {v:?}: expected required or disabled"))),
+            };
+            let upstream_password = SecretRef::from_parts(r.upstream_password_file, r.upstream_password_env)
+                .map_err(|m| err(r.name.span(), m))?;
+            let Some(users_file) = r.users_file else {
+                return Err(err(r.name.span(), "[[redis]] needs users_file".into()));
+            };
+            let (default_rules_text, rules_span) = match &r.default_rules {
+                Some(s) => (s.get_ref().clone(), Some(s.span())),
+                None => (DEFAULT_REDIS_RULES.to_string(), None),
+            };
+            let default_rules = crate::policy::AclRules::parse(&default_rules_text)
+                .map_err(|e| ConfigError::at(file, src, rules_span, e.to_string()))?;
+            let mut allow = Vec::new();
+            for a in &r.allow {
+                let net: IpNet = a
+                    .get_ref()
+                    .parse()
+                    .or_else(|_| a.get_ref().parse::<std::net::IpAddr>().map(IpNet::from))
+                    .map_err(|_| err(a.span(), format!("{:?} is not a CIDR", a.get_ref())))?;
+                allow.push(net);
+            }
+            let mut limits = crate::redis::codec::Limits::default();
+            if let Some(b) = r.max_bulk_len {
+                limits.max_bulk_len = b;
+            }
+            if let Some(m) = r.max_multibulk_len {
+                limits.max_multibulk_len = m;
+            }
+            redis.push(RedisListener {
+                name: r.name.into_inner(),
+                listen,
+                upstream: r.upstream.into_inner(),
+                tls,
+                users_file,
+                upstream_user: r.upstream_user,
+                upstream_password,
+                default_rules,
+                default_rules_text,
+                allow,
+                max_connections: r.max_connections,
+                upstream_tls: r.upstream_tls.map(|u| UpstreamTls { ca: u.ca, server_name: u.server_name }),
+                limits,
+                redact_keys: r.redact_keys,
+            });
+        }
+        if postgres.is_empty() && redis.is_empty() {
             return Err(ConfigError::at(
                 file,
                 src,
                 None,
-                "no listener configured: add a [[postgres]] section",
+                "no listener configured: add a [[postgres]] or [[redis]] section",
             ));
         }
         Ok(Config {
@@ -514,6 +583,7 @@ impl RawConfig {
             limits,
             lockout,
             postgres,
+            redis,
         })
     }
 }

@@ -24,10 +24,7 @@ impl fmt::Debug for SecretRef {
 
 impl SecretRef {
     /// Builds a reference from the `*_file` / `*_env` pair; both set is an error.
-    pub fn from_parts(
-        file: Option<PathBuf>,
-        env: Option<String>,
-    ) -> Result<Option<SecretRef>, String> {
+    pub fn from_parts(file: Option<PathBuf>, env: Option<String>) -> Result<Option<SecretRef>, String> {
         match (file, env) {
             (Some(_), Some(_)) => Err("set only one of *_file and *_env".into()),
             (Some(f), None) => Ok(Some(SecretRef::File(f))),
@@ -42,9 +39,9 @@ impl SecretRef {
             SecretRef::File(p) => std::fs::read_to_string(p)
                 .map(|s| Secret(s.trim_end_matches(['\r', '\n']).to_string()))
                 .map_err(|e| format!("cannot read secret file {}: {e}", p.display())),
-            SecretRef::Env(v) => std::env::var(v)
-                .map(Secret)
-                .map_err(|_| format!("environment variable {v} is not set")),
+            SecretRef::Env(v) => {
+                std::env::var(v).map(Secret).map_err(|_| format!("environment variable {v} is not set"))
+            }
         }
     }
 }

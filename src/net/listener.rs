@@ -97,19 +97,12 @@ pub struct ListenerSpec {
 static SESSION_SEQ: AtomicU64 = AtomicU64::new(1);
 
 fn next_session_id() -> String {
-    format!(
-        "{:x}-{}",
-        std::process::id(),
-        SESSION_SEQ.fetch_add(1, Ordering::Relaxed)
-    )
+    format!("{:x}-{}", std::process::id(), SESSION_SEQ.fetch_add(1, Ordering::Relaxed))
 }
 
 fn allowed(allow: &[IpNet], ip: IpAddr) -> bool {
     let ip = match ip {
-        IpAddr::V6(v6) => v6
-            .to_ipv4_mapped()
-            .map(IpAddr::V4)
-            .unwrap_or(IpAddr::V6(v6)),
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(IpAddr::V6(v6)),
         v4 => v4,
     };
     allow.is_empty() || allow.iter().any(|n| n.contains(&ip))
@@ -135,12 +128,7 @@ fn admit(
     };
     let gauge = shared.metrics.active(&spec.name, spec.protocol);
     gauge.inc();
-    let permit = ConnPermit {
-        counter,
-        listener_count: listener_count.clone(),
-        ip,
-        gauge,
-    };
+    let permit = ConnPermit { counter, listener_count: listener_count.clone(), ip, gauge };
     if total > limits.max_connections
         || from_source > limits.max_connections_per_source
         || spec.max_connections.is_some_and(|m| on_listener > m)
@@ -158,12 +146,8 @@ fn admit(
 
 /// Accepts until shutdown; each admitted connection runs `handle` in its own task, tracked
 /// for draining.
-pub async fn accept_loop<F, Fut>(
-    listener: TcpListener,
-    spec: ListenerSpec,
-    shared: Arc<Shared>,
-    handle: F,
-) where
+pub async fn accept_loop<F, Fut>(listener: TcpListener, spec: ListenerSpec, shared: Arc<Shared>, handle: F)
+where
     F: Fn(Accepted) -> Fut + Send + Sync + 'static,
     Fut: Future<Output = ()> + Send + 'static,
 {
@@ -183,9 +167,7 @@ pub async fn accept_loop<F, Fut>(
         };
         let session = next_session_id();
         if !allowed(&spec.allow, peer.ip()) {
-            shared
-                .metrics
-                .connection(&spec.name, spec.protocol, ConnOutcome::NotAllowed);
+            shared.metrics.connection(&spec.name, spec.protocol, ConnOutcome::NotAllowed);
             let mut r = Record::new(Event::ConnRejected);
             r.listener = Some(&spec.name);
             r.protocol = Some(spec.protocol.as_str());
@@ -200,20 +182,12 @@ pub async fn accept_loop<F, Fut>(
         let _ = tcp.set_nodelay(true);
         crate::net::set_keepalive(&tcp);
         let Ok(admission) = admit(&shared, &spec, &listener_count, peer.ip()) else {
-            shared
-                .metrics
-                .connection(&spec.name, spec.protocol, ConnOutcome::LimitReached);
+            shared.metrics.connection(&spec.name, spec.protocol, ConnOutcome::LimitReached);
             drop(tcp);
             continue;
         };
-        let span =
-            tracing::info_span!("conn", listener = %spec.name, session = %session, peer = %peer);
-        let fut = handle(Accepted {
-            tcp,
-            peer,
-            session,
-            admission,
-        });
+        let span = tracing::info_span!("conn", listener = %spec.name, session = %session, peer = %peer);
+        let fut = handle(Accepted { tcp, peer, session, admission });
         shared.tracker.spawn(fut.instrument(span));
     }
 }

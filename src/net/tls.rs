@@ -31,10 +31,7 @@ pub enum TlsError {
 }
 
 fn file_err(p: &Path, msg: impl std::fmt::Display) -> TlsError {
-    TlsError::File {
-        path: p.display().to_string(),
-        msg: msg.to_string(),
-    }
+    TlsError::File { path: p.display().to_string(), msg: msg.to_string() }
 }
 
 /// Reads a PEM certificate chain.
@@ -84,21 +81,15 @@ pub fn server_end_point(cert: &CertificateDer<'_>) -> Vec<u8> {
         .unwrap_or_default();
     match oid.as_str() {
         // ecdsa-with-SHA384, sha384WithRSAEncryption, RSASSA-PSS is treated as SHA-256
-        "1.2.840.10045.4.3.3" | "1.2.840.113549.1.1.12" => {
-            sha2::Sha384::digest(cert.as_ref()).to_vec()
-        }
-        "1.2.840.10045.4.3.4" | "1.2.840.113549.1.1.13" => {
-            sha2::Sha512::digest(cert.as_ref()).to_vec()
-        }
+        "1.2.840.10045.4.3.3" | "1.2.840.113549.1.1.12" => sha2::Sha384::digest(cert.as_ref()).to_vec(),
+        "1.2.840.10045.4.3.4" | "1.2.840.113549.1.1.13" => sha2::Sha512::digest(cert.as_ref()).to_vec(),
         _ => sha2::Sha256::digest(cert.as_ref()).to_vec(),
     }
 }
 
 /// notAfter of a certificate, Unix seconds.
 pub fn not_after(cert: &CertificateDer<'_>) -> Option<i64> {
-    x509_parser::parse_x509_certificate(cert.as_ref())
-        .ok()
-        .map(|(_, c)| c.validity().not_after.timestamp())
+    x509_parser::parse_x509_certificate(cert.as_ref()).ok().map(|(_, c)| c.validity().not_after.timestamp())
 }
 
 /// One generation of server TLS material.
@@ -121,10 +112,7 @@ pub struct Served {
 
 fn fingerprint(cfg: &TlsConfig) -> Vec<u8> {
     let mut h = sha2::Sha256::new();
-    for p in [Some(&cfg.cert), Some(&cfg.key), cfg.client_ca.as_ref()]
-        .into_iter()
-        .flatten()
-    {
+    for p in [Some(&cfg.cert), Some(&cfg.key), cfg.client_ca.as_ref()].into_iter().flatten() {
         // An unreadable file hashes as empty: the load that follows reports the error.
         h.update(std::fs::read(p).unwrap_or_default());
         h.update([0u8]);
@@ -152,17 +140,12 @@ impl Served {
             TlsMinVersion::Tls12 => &[&rustls::version::TLS13, &rustls::version::TLS12],
         };
         let build = |alpn: Vec<Vec<u8>>| -> Result<Arc<ServerConfig>, TlsError> {
-            let builder = ServerConfig::builder_with_provider(provider.clone())
-                .with_protocol_versions(versions)?;
+            let builder = ServerConfig::builder_with_provider(provider.clone()).with_protocol_versions(versions)?;
             let builder = match (&cfg.client_ca, cfg.client_auth) {
                 (Some(ca), auth) if auth != ClientAuth::None => {
                     let roots = Arc::new(load_roots(ca)?);
                     let v = WebPkiClientVerifier::builder_with_provider(roots, provider.clone());
-                    let v = if auth == ClientAuth::Optional {
-                        v.allow_unauthenticated()
-                    } else {
-                        v
-                    };
+                    let v = if auth == ClientAuth::Optional { v.allow_unauthenticated() } else { v };
                     let v = v.build().map_err(|e| file_err(ca, e))?;
                     builder.with_client_cert_verifier(v)
                 }
@@ -192,17 +175,12 @@ pub struct TlsState {
 impl TlsState {
     /// Loads the first generation.
     pub fn new(cfg: &TlsConfig) -> Result<TlsState, TlsError> {
-        Ok(TlsState {
-            current: RwLock::new(Arc::new(Served::load(cfg)?)),
-        })
+        Ok(TlsState { current: RwLock::new(Arc::new(Served::load(cfg)?)) })
     }
 
     /// The generation new connections are served with.
     pub fn current(&self) -> Arc<Served> {
-        self.current
-            .read()
-            .map(|g| g.clone())
-            .unwrap_or_else(|p| p.into_inner().clone())
+        self.current.read().map(|g| g.clone()).unwrap_or_else(|p| p.into_inner().clone())
     }
 
     /// True when the files' content differs from the served generation.

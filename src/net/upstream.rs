@@ -60,24 +60,14 @@ impl UpstreamTlsClient {
         if let Some(a) = alpn {
             cc.alpn_protocols = vec![a.to_vec()];
         }
-        let server_name =
-            ServerName::try_from(cfg.server_name.clone()).map_err(|e| TlsError::File {
-                path: "upstream_tls.server_name".into(),
-                msg: e.to_string(),
-            })?;
-        Ok(UpstreamTlsClient {
-            connector: TlsConnector::from(Arc::new(cc)),
-            server_name,
-        })
+        let server_name = ServerName::try_from(cfg.server_name.clone())
+            .map_err(|e| TlsError::File { path: "upstream_tls.server_name".into(), msg: e.to_string() })?;
+        Ok(UpstreamTlsClient { connector: TlsConnector::from(Arc::new(cc)), server_name })
     }
 
     /// TLS handshake over an open TCP connection.
     pub async fn connect(&self, tcp: TcpStream) -> Result<Stream, UpstreamError> {
-        let s = self
-            .connector
-            .connect(self.server_name.clone(), tcp)
-            .await
-            .map_err(UpstreamError::Tls)?;
+        let s = self.connector.connect(self.server_name.clone(), tcp).await.map_err(UpstreamError::Tls)?;
         Ok(Stream::Client(Box::new(s)))
     }
 }

@@ -47,8 +47,7 @@ impl CancelMap {
         let ok = e.1 <= per_second;
         drop(e);
         if self.rate.len() > 10_000 {
-            self.rate
-                .retain(|_, (t, _)| now.duration_since(*t) < Duration::from_secs(1));
+            self.rate.retain(|_, (t, _)| now.duration_since(*t) < Duration::from_secs(1));
         }
         ok
     }

@@ -14,9 +14,7 @@ use super::startup::Startup;
 use super::upstream::{self as pgup, LoginError};
 use crate::audit::Event;
 use crate::auth::User;
-use crate::auth::scram::{
-    SCRAM_SHA_256, SCRAM_SHA_256_PLUS, ScramError, ScramServer, ScramVerifier,
-};
+use crate::auth::scram::{SCRAM_SHA_256, SCRAM_SHA_256_PLUS, ScramError, ScramServer, ScramVerifier};
 use crate::metrics::ConnOutcome;
 use crate::net::stream::Stream;
 use crate::net::tls::Served;
@@ -30,12 +28,7 @@ fn scram_refusal(e: &ScramError, user: &str) -> PgRefusal {
 
 impl Session {
     /// A failed client authentication: counted, maybe a lockout, audited, refused.
-    async fn auth_failed(
-        &mut self,
-        io: &mut Stream,
-        method: &'static str,
-        refusal: PgRefusal,
-    ) -> ConnOutcome {
+    async fn auth_failed(&mut self, io: &mut Stream, method: &'static str, refusal: PgRefusal) -> ConnOutcome {
         self.record_auth_failure(
             method,
             match &refusal {
@@ -50,9 +43,7 @@ impl Session {
     }
 
     fn record_auth_failure(&mut self, method: &'static str, reason: &str) {
-        self.shared
-            .metrics
-            .auth_attempt(&self.cfg.name, PG, method, false);
+        self.shared.metrics.auth_attempt(&self.cfg.name, PG, method, false);
         if self.shared.lockout.record_failure(self.peer.ip()) {
             self.shared.metrics.lockout();
             self.audit(Event::Lockout, "locked_out", Some("too_many_failures"));
@@ -61,9 +52,7 @@ impl Session {
     }
 
     fn auth_ok(&self, method: &'static str) {
-        self.shared
-            .metrics
-            .auth_attempt(&self.cfg.name, PG, method, true);
+        self.shared.metrics.auth_attempt(&self.cfg.name, PG, method, true);
         let mut r = self.record(Event::AuthOk);
         r.outcome = Some("ok");
         r.reason = Some(method);
@@ -76,9 +65,7 @@ impl Session {
             Ok(m) if m.tag == b'p' => Ok(m.body),
             Ok(m) => {
                 let msg = format!("expected password response, got message type {}", m.tag);
-                Err(self
-                    .refuse_protocol(&mut c.io, PgRefusal::Protocol(msg))
-                    .await)
+                Err(self.refuse_protocol(&mut c.io, PgRefusal::Protocol(msg)).await)
             }
             Err(CodecError::BadLength(_)) | Err(CodecError::Malformed(_)) => {
                 let refusal = PgRefusal::Protocol("invalid message length".into());
@@ -97,58 +84,30 @@ impl Session {
         served: Option<&Served>,
     ) -> Step<(User, Bytes)> {
         let users = self.l.users();
-        let user = users
-            .get(&startup.user)
-            .filter(|u| u.postgres_scram.is_some())
-            .cloned();
-        let verifier = user
-            .as_ref()
-            .and_then(|u| u.postgres_scram.clone())
-            .unwrap_or_else(|| {
-                let secret =
-                    served.map_or_else(|| self.shared.tls.current().mock_secret, |s| s.mock_secret);
-                ScramVerifier::mock(&startup.user, &secret, users.mock_iterations())
-            });
+        let user = users.get(&startup.user).filter(|u| u.postgres_scram.is_some()).cloned();
+        let verifier = user.as_ref().and_then(|u| u.postgres_scram.clone()).unwrap_or_else(|| {
+            let secret = served.map_or_else(|| self.shared.tls.current().mock_secret, |s| s.mock_secret);
+            ScramVerifier::mock(&startup.user, &secret, users.mock_iterations())
+        });
         let plus = served.is_some();
-        let mechs: &[&str] = if plus {
-            &[SCRAM_SHA_256_PLUS, SCRAM_SHA_256]
-        } else {
-            &[SCRAM_SHA_256]
-        };
-        codec::send(&mut c.io, &codec::auth_sasl(mechs))
-            .await
-            .map_err(|_| ConnOutcome::Closed)?;
+        let mechs: &[&str] = if plus { &[SCRAM_SHA_256_PLUS, SCRAM_SHA_256] } else { &[SCRAM_SHA_256] };
+        codec::send(&mut c.io, &codec::auth_sasl(mechs)).await.map_err(|_| ConnOutcome::Closed)?;
         let body = self.read_password_message(c).await?;
         let Ok((mech, data)) = codec::parse_sasl_initial(body) else {
-            return Err(self
-                .refuse_protocol(
-                    &mut c.io,
-                    PgRefusal::Protocol("malformed SASL message".into()),
-                )
-                .await);
+            return Err(self.refuse_protocol(&mut c.io, PgRefusal::Protocol("malformed SASL message".into())).await);
         };
         if !mechs.contains(&mech.as_str()) {
             let msg = "client selected an invalid SASL authentication mechanism";
-            return Err(self
-                .refuse_protocol(&mut c.io, PgRefusal::Protocol(msg.into()))
-                .await);
+            return Err(self.refuse_protocol(&mut c.io, PgRefusal::Protocol(msg.into())).await);
         }
-        let method = if mech == SCRAM_SHA_256_PLUS {
-            "scram-plus"
-        } else {
-            "scram"
-        };
+        let method = if mech == SCRAM_SHA_256_PLUS { "scram-plus" } else { "scram" };
         let (server, first) = match ScramServer::start(verifier, &mech, plus, &data) {
             Ok(x) => x,
             Err(e) => {
-                return Err(self
-                    .auth_failed(&mut c.io, method, scram_refusal(&e, &startup.user))
-                    .await);
+                return Err(self.auth_failed(&mut c.io, method, scram_refusal(&e, &startup.user)).await);
             }
         };
-        codec::send(&mut c.io, &codec::auth_sasl_continue(first.as_bytes()))
-            .await
-            .map_err(|_| ConnOutcome::Closed)?;
+        codec::send(&mut c.io, &codec::auth_sasl_continue(first.as_bytes())).await.map_err(|_| ConnOutcome::Closed)?;
         let body = self.read_password_message(c).await?;
         // A ban that started while this exchange was open (parallel guesses) applies now.
         if self.shared.lockout.is_locked(self.peer.ip()) {
@@ -160,16 +119,10 @@ impl Session {
                 self.auth_ok(method);
                 Ok((u, codec::auth_sasl_final(fin.as_bytes())))
             }
-            (Ok(_), None) => Err(self
-                .auth_failed(
-                    &mut c.io,
-                    method,
-                    PgRefusal::PasswordFailed(startup.user.clone()),
-                )
-                .await),
-            (Err(e), _) => Err(self
-                .auth_failed(&mut c.io, method, scram_refusal(&e, &startup.user))
-                .await),
+            (Ok(_), None) => {
+                Err(self.auth_failed(&mut c.io, method, PgRefusal::PasswordFailed(startup.user.clone())).await)
+            }
+            (Err(e), _) => Err(self.auth_failed(&mut c.io, method, scram_refusal(&e, &startup.user)).await),
         }
     }
 
@@ -181,9 +134,7 @@ impl Session {
         subjects: &[String],
     ) -> Step<(User, Bytes)> {
         if subjects.is_empty() {
-            return Err(self
-                .auth_failed(&mut c.io, "cert", PgRefusal::CertRequired)
-                .await);
+            return Err(self.auth_failed(&mut c.io, "cert", PgRefusal::CertRequired).await);
         }
         let users = self.l.users();
         match users.by_cert_subjects(subjects.iter().map(String::as_str)) {
@@ -192,13 +143,7 @@ impl Session {
                 self.auth_ok("cert");
                 Ok((u, Bytes::new()))
             }
-            _ => Err(self
-                .auth_failed(
-                    &mut c.io,
-                    "cert",
-                    PgRefusal::CertFailed(startup.user.clone()),
-                )
-                .await),
+            _ => Err(self.auth_failed(&mut c.io, "cert", PgRefusal::CertFailed(startup.user.clone())).await),
         }
     }
 
@@ -213,48 +158,24 @@ impl Session {
     ) -> Step<MsgReader<Stream>> {
         let mut hello = BytesMut::from(&greeting[..]);
         hello.extend_from_slice(&codec::auth_ok());
-        codec::send(&mut c.io, &hello)
-            .await
-            .map_err(|_| ConnOutcome::Closed)?;
-        let Some(up_user) = user
-            .upstream_user
-            .clone()
-            .or_else(|| self.cfg.upstream_user.clone())
-        else {
-            return Err(self
-                .upstream_unavailable(c, "no upstream_user configured for this user")
-                .await);
+        codec::send(&mut c.io, &hello).await.map_err(|_| ConnOutcome::Closed)?;
+        let Some(up_user) = user.upstream_user.clone().or_else(|| self.cfg.upstream_user.clone()) else {
+            return Err(self.upstream_unavailable(c, "no upstream_user configured for this user").await);
         };
         self.upstream_user = Some(up_user.clone());
-        let password = match user
-            .upstream_password
-            .as_ref()
-            .or(self.cfg.upstream_password.as_ref())
-            .map(|r| r.read())
-        {
+        let password = match user.upstream_password.as_ref().or(self.cfg.upstream_password.as_ref()).map(|r| r.read()) {
             None => None,
             Some(Ok(p)) => Some(p),
             Some(Err(e)) => return Err(self.upstream_unavailable(c, &e).await),
         };
         let mut params = vec![
             ("user".to_string(), up_user.clone()),
-            (
-                "database".to_string(),
-                startup
-                    .database
-                    .clone()
-                    .unwrap_or_else(|| startup.user.clone()),
-            ),
+            ("database".to_string(), startup.database.clone().unwrap_or_else(|| startup.user.clone())),
         ];
         params.extend(startup.forwarded_params().cloned());
         let t = Instant::now();
         // Leave time to tell the client if the upstream is slow.
-        let limit = self
-            .shared
-            .config()
-            .limits
-            .upstream_connect_timeout
-            .min(self.remaining());
+        let limit = self.shared.config().limits.upstream_connect_timeout.min(self.remaining());
         let l = self.l.clone();
         let res = async {
             let io = pgup::connect(&l, limit).await?;
@@ -264,30 +185,22 @@ impl Session {
         let elapsed = t.elapsed().as_secs_f64();
         match res {
             Ok(Ok(u)) => {
-                self.shared
-                    .metrics
-                    .upstream_connect(&self.cfg.name, elapsed, true);
+                self.shared.metrics.upstream_connect(&self.cfg.name, elapsed, true);
                 Ok(u)
             }
             Ok(Err(LoginError::Error(e))) if !e.code.starts_with("28") => {
                 // About the client's own request (unknown database, server starting, ...): pass it on.
-                self.shared
-                    .metrics
-                    .upstream_connect(&self.cfg.name, elapsed, true);
+                self.shared.metrics.upstream_connect(&self.cfg.name, elapsed, true);
                 let _ = codec::send(&mut c.io, &e.frame).await;
                 self.audit(Event::ConnRejected, "error", Some("upstream_error"));
                 Err(ConnOutcome::UpstreamFailed)
             }
             Ok(Err(e)) => {
-                self.shared
-                    .metrics
-                    .upstream_connect(&self.cfg.name, elapsed, false);
+                self.shared.metrics.upstream_connect(&self.cfg.name, elapsed, false);
                 Err(self.upstream_unavailable(c, &e.to_string()).await)
             }
             Err(_) => {
-                self.shared
-                    .metrics
-                    .upstream_connect(&self.cfg.name, elapsed, false);
+                self.shared.metrics.upstream_connect(&self.cfg.name, elapsed, false);
                 Err(self.upstream_unavailable(c, "timeout").await)
             }
         }
@@ -301,36 +214,21 @@ impl Session {
         c: &mut MsgReader<Stream>,
         startup: &Startup,
     ) -> Step<MsgReader<Stream>> {
-        let limit = self
-            .shared
-            .config()
-            .limits
-            .upstream_connect_timeout
-            .min(self.remaining());
+        let limit = self.shared.config().limits.upstream_connect_timeout.min(self.remaining());
         let t = Instant::now();
         let l = Arc::clone(&self.l);
         let io = match tokio::time::timeout(limit, pgup::connect(&l, limit)).await {
             Ok(Ok(io)) => io,
             Ok(Err(e)) => {
-                self.shared.metrics.upstream_connect(
-                    &self.cfg.name,
-                    t.elapsed().as_secs_f64(),
-                    false,
-                );
+                self.shared.metrics.upstream_connect(&self.cfg.name, t.elapsed().as_secs_f64(), false);
                 return Err(self.upstream_unavailable(c, &e.to_string()).await);
             }
             Err(_) => {
-                self.shared.metrics.upstream_connect(
-                    &self.cfg.name,
-                    t.elapsed().as_secs_f64(),
-                    false,
-                );
+                self.shared.metrics.upstream_connect(&self.cfg.name, t.elapsed().as_secs_f64(), false);
                 return Err(self.upstream_unavailable(c, "timeout").await);
             }
         };
-        self.shared
-            .metrics
-            .upstream_connect(&self.cfg.name, t.elapsed().as_secs_f64(), true);
+        self.shared.metrics.upstream_connect(&self.cfg.name, t.elapsed().as_secs_f64(), true);
         self.upstream_user = Some(startup.user.clone());
         let upstream_tls = l.upstream_tls().is_some();
         let mut params = vec![("user".to_string(), startup.user.clone())];
@@ -339,9 +237,7 @@ impl Session {
         }
         params.extend(startup.forwarded_params().cloned());
         let mut u = MsgReader::new(io, BytesMut::new());
-        codec::send(&mut u.io, &codec::startup_message(&params))
-            .await
-            .map_err(|_| ConnOutcome::UpstreamFailed)?;
+        codec::send(&mut u.io, &codec::startup_message(&params)).await.map_err(|_| ConnOutcome::UpstreamFailed)?;
         loop {
             let m = match u.message(codec::MAX_BACKEND_LOGIN_MESSAGE).await {
                 Ok(m) => m,
@@ -349,10 +245,7 @@ impl Session {
             };
             match m.tag {
                 b'E' => {
-                    let code = codec::error_fields(&m.body)
-                        .into_iter()
-                        .find(|(k, _)| *k == b'C')
-                        .map(|(_, v)| v);
+                    let code = codec::error_fields(&m.body).into_iter().find(|(k, _)| *k == b'C').map(|(_, v)| v);
                     if code.as_deref().is_some_and(|c| c.starts_with("28")) {
                         self.record_auth_failure("passthrough", "bad_credentials");
                     } else {
@@ -364,9 +257,7 @@ impl Session {
                 }
                 b'R' => {}
                 _ => {
-                    codec::send(&mut c.io, &m.frame)
-                        .await
-                        .map_err(|_| ConnOutcome::Closed)?;
+                    codec::send(&mut c.io, &m.frame).await.map_err(|_| ConnOutcome::Closed)?;
                     continue;
                 }
             }
@@ -374,9 +265,7 @@ impl Session {
             let code = b.i32().map_err(|_| ConnOutcome::UpstreamFailed)?;
             match code {
                 0 => {
-                    codec::send(&mut c.io, &m.frame)
-                        .await
-                        .map_err(|_| ConnOutcome::Closed)?;
+                    codec::send(&mut c.io, &m.frame).await.map_err(|_| ConnOutcome::Closed)?;
                     self.auth_ok("passthrough");
                     return Ok(u);
                 }
@@ -391,17 +280,12 @@ impl Session {
                         }
                     }
                     let refs: Vec<&str> = mechs.iter().map(String::as_str).collect();
-                    codec::send(&mut c.io, &codec::auth_sasl(&refs))
-                        .await
-                        .map_err(|_| ConnOutcome::Closed)?;
+                    codec::send(&mut c.io, &codec::auth_sasl(&refs)).await.map_err(|_| ConnOutcome::Closed)?;
                 }
-                3 | 5 | 11 | 12 => codec::send(&mut c.io, &m.frame)
-                    .await
-                    .map_err(|_| ConnOutcome::Closed)?,
+                3 | 5 | 11 | 12 => codec::send(&mut c.io, &m.frame).await.map_err(|_| ConnOutcome::Closed)?,
                 _ => {
-                    let msg = format!(
-                        "the upstream asked for an authentication method the proxy cannot relay ({code})"
-                    );
+                    let msg =
+                        format!("the upstream asked for an authentication method the proxy cannot relay ({code})");
                     return Err(self.upstream_unavailable(c, &msg).await);
                 }
             }
@@ -411,13 +295,10 @@ impl Session {
                 // which does offer -PLUS on its own TLS connection, takes that as a downgrade.
                 if code == 10
                     && upstream_tls
-                    && codec::parse_sasl_initial(body.clone())
-                        .is_ok_and(|(_, d)| d.starts_with(b"y,"))
+                    && codec::parse_sasl_initial(body.clone()).is_ok_and(|(_, d)| d.starts_with(b"y,"))
                 {
                     let msg = "channel binding cannot pass through this proxy: connect with channel_binding=disable";
-                    return Err(self
-                        .refuse_protocol(&mut c.io, PgRefusal::Protocol(msg.into()))
-                        .await);
+                    return Err(self.refuse_protocol(&mut c.io, PgRefusal::Protocol(msg.into())).await);
                 }
                 codec::send(&mut u.io, &codec::password_message(&body))
                     .await

@@ -4,9 +4,7 @@
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use pgwire::messages::Message;
-use pgwire::messages::startup::{
-    Authentication, BackendKeyData, NegotiateProtocolVersion, SecretKey,
-};
+use pgwire::messages::startup::{Authentication, BackendKeyData, NegotiateProtocolVersion, SecretKey};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 /// Startup-phase packets (no type byte) are at most this long (PostgreSQL's MAX_STARTUP_PACKET_LENGTH).
@@ -94,11 +92,7 @@ impl<S: AsyncRead + Unpin> MsgReader<S> {
         let total = 1 + len as usize;
         self.fill(total).await?;
         let frame = self.buf.split_to(total).freeze();
-        Ok(Msg {
-            tag,
-            body: frame.slice(5..),
-            frame,
-        })
+        Ok(Msg { tag, body: frame.slice(5..), frame })
     }
 }
 
@@ -116,23 +110,14 @@ impl Body {
     }
     /// A NUL-terminated UTF-8 string.
     pub fn cstr(&mut self) -> Result<String, CodecError> {
-        let nul = self
-            .0
-            .iter()
-            .position(|b| *b == 0)
-            .ok_or(CodecError::Malformed("unterminated string"))?;
-        let s = String::from_utf8(self.0.split_to(nul).to_vec())
-            .map_err(|_| CodecError::Malformed("invalid UTF-8"))?;
+        let nul = self.0.iter().position(|b| *b == 0).ok_or(CodecError::Malformed("unterminated string"))?;
+        let s = String::from_utf8(self.0.split_to(nul).to_vec()).map_err(|_| CodecError::Malformed("invalid UTF-8"))?;
         self.0.advance(1);
         Ok(s)
     }
     /// A NUL-terminated string of any bytes (invalid UTF-8 replaced).
     pub fn cstr_lossy(&mut self) -> Result<String, CodecError> {
-        let nul = self
-            .0
-            .iter()
-            .position(|b| *b == 0)
-            .ok_or(CodecError::Malformed("unterminated string"))?;
+        let nul = self.0.iter().position(|b| *b == 0).ok_or(CodecError::Malformed("unterminated string"))?;
         let s = String::from_utf8_lossy(&self.0.split_to(nul)).into_owned();
         self.0.advance(1);
         Ok(s)
@@ -155,11 +140,7 @@ pub fn parse_sasl_initial(body: Bytes) -> Result<(String, Bytes), CodecError> {
     let mut b = Body(body);
     let mech = b.cstr()?;
     let n = b.i32()?;
-    let data = if n < 0 {
-        Bytes::new()
-    } else {
-        b.bytes(n as usize)?
-    };
+    let data = if n < 0 { Bytes::new() } else { b.bytes(n as usize)? };
     Ok((mech, data))
 }
 
@@ -172,9 +153,7 @@ fn encode<M: Message>(m: M) -> Bytes {
 
 /// `AuthenticationSASL` with the given mechanisms.
 pub fn auth_sasl(mechs: &[&str]) -> Bytes {
-    encode(Authentication::SASL(
-        mechs.iter().map(|s| s.to_string()).collect(),
-    ))
+    encode(Authentication::SASL(mechs.iter().map(|s| s.to_string()).collect()))
 }
 /// `AuthenticationSASLContinue`.
 pub fn auth_sasl_continue(data: &[u8]) -> Bytes {
@@ -290,10 +269,7 @@ mod tests {
         let m = r.message(MAX_LOGIN_MESSAGE).await.unwrap();
         assert_eq!(m.tag, b'p');
         let (mech, d) = parse_sasl_initial(m.body).unwrap();
-        assert_eq!(
-            (mech.as_str(), &d[..]),
-            ("SCRAM-SHA-256", &b"n,,n=,r=abc"[..])
-        );
+        assert_eq!((mech.as_str(), &d[..]), ("SCRAM-SHA-256", &b"n,,n=,r=abc"[..]));
         let m = r.message(MAX_LOGIN_MESSAGE).await.unwrap();
         assert_eq!(&m.body[..], b"c=biws");
         let m = r.message(MAX_LOGIN_MESSAGE).await.unwrap();
@@ -305,16 +281,10 @@ mod tests {
     async fn rejects_bad_lengths() {
         for bad in [&b"p\0\0\0\x02"[..], b"p\x7f\xff\xff\xff"] {
             let mut r = MsgReader::new(bad, BytesMut::new());
-            assert!(matches!(
-                r.message(MAX_LOGIN_MESSAGE).await,
-                Err(CodecError::BadLength(_))
-            ));
+            assert!(matches!(r.message(MAX_LOGIN_MESSAGE).await, Err(CodecError::BadLength(_))));
         }
         let mut r = MsgReader::new(&b"\0\0\0\x04"[..], BytesMut::new());
-        assert!(matches!(
-            r.startup_packet().await,
-            Err(CodecError::BadLength(4))
-        ));
+        assert!(matches!(r.startup_packet().await, Err(CodecError::BadLength(4))));
     }
 
     #[test]
@@ -328,10 +298,7 @@ mod tests {
     fn startup_and_error_round_trip() {
         let s = startup_message(&[("user".into(), "app".into())]);
         assert_eq!(&s[4..8], &196_608i32.to_be_bytes());
-        assert_eq!(
-            i32::from_be_bytes([s[0], s[1], s[2], s[3]]) as usize,
-            s.len()
-        );
+        assert_eq!(i32::from_be_bytes([s[0], s[1], s[2], s[3]]) as usize, s.len());
         let f = error_fields(b"SFATAL\0C28P01\0Mbad\0\0");
         assert_eq!(f[1], (b'C', "28P01".to_string()));
         assert_eq!(cancel_request(1, 2)[4..8], CODE_CANCEL.to_be_bytes());

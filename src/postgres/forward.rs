@@ -46,12 +46,7 @@ impl Boundary {
             self.have += n;
             data = &data[n..];
             if self.have == 5 {
-                let len = i32::from_be_bytes([
-                    self.header[1],
-                    self.header[2],
-                    self.header[3],
-                    self.header[4],
-                ]);
+                let len = i32::from_be_bytes([self.header[1], self.header[2], self.header[3], self.header[4]]);
                 self.remaining = u64::try_from(len).unwrap_or(4).saturating_sub(4);
                 self.have = 0;
             }
@@ -65,12 +60,7 @@ impl Boundary {
 }
 
 /// Copies one direction until EOF (then half-closes the writer) or an error.
-async fn pump<R, W>(
-    r: &mut R,
-    w: &mut W,
-    count: &mut u64,
-    boundary: &mut Boundary,
-) -> io::Result<()>
+async fn pump<R, W>(r: &mut R, w: &mut W, count: &mut u64, boundary: &mut Boundary) -> io::Result<()>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,

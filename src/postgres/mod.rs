@@ -72,11 +72,7 @@ impl PgListener {
     pub fn new(cfg: &PostgresListener) -> Result<PgListener, PgListenerError> {
         let fp = users_fingerprint(cfg);
         let users = load_users(cfg)?;
-        let tls = cfg
-            .upstream_tls
-            .as_ref()
-            .map(|t| UpstreamTlsClient::new(t, Some(b"postgresql")))
-            .transpose()?;
+        let tls = cfg.upstream_tls.as_ref().map(|t| UpstreamTlsClient::new(t, Some(b"postgresql"))).transpose()?;
         Ok(PgListener {
             cfg: RwLock::new(Arc::new(cfg.clone())),
             users: RwLock::new((Arc::new(users), fp)),
@@ -88,26 +84,17 @@ impl PgListener {
 
     /// The current listener config.
     pub fn config(&self) -> Arc<PostgresListener> {
-        self.cfg
-            .read()
-            .map(|c| c.clone())
-            .unwrap_or_else(|p| p.into_inner().clone())
+        self.cfg.read().map(|c| c.clone()).unwrap_or_else(|p| p.into_inner().clone())
     }
 
     /// The current users.
     pub fn users(&self) -> Arc<Users> {
-        self.users
-            .read()
-            .map(|u| u.0.clone())
-            .unwrap_or_else(|p| p.into_inner().0.clone())
+        self.users.read().map(|u| u.0.clone()).unwrap_or_else(|p| p.into_inner().0.clone())
     }
 
     /// The upstream TLS client, when configured.
     pub fn upstream_tls(&self) -> Option<UpstreamTlsClient> {
-        self.upstream_tls
-            .read()
-            .map(|t| t.clone())
-            .unwrap_or_else(|p| p.into_inner().clone())
+        self.upstream_tls.read().map(|t| t.clone()).unwrap_or_else(|p| p.into_inner().clone())
     }
 
     /// True when the users file's content changed since it was loaded.
@@ -141,11 +128,7 @@ impl PgListener {
     pub fn reload(&self, cfg: &PostgresListener) -> Result<(), PgListenerError> {
         let fp = users_fingerprint(cfg);
         let users = load_users(cfg)?;
-        let tls = cfg
-            .upstream_tls
-            .as_ref()
-            .map(|t| UpstreamTlsClient::new(t, Some(b"postgresql")))
-            .transpose()?;
+        let tls = cfg.upstream_tls.as_ref().map(|t| UpstreamTlsClient::new(t, Some(b"postgresql"))).transpose()?;
         *self.users.write().unwrap_or_else(|p| p.into_inner()) = (Arc::new(users), fp);
         *self.upstream_tls.write().unwrap_or_else(|p| p.into_inner()) = tls;
         *self.cfg.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(cfg.clone());
@@ -162,15 +145,8 @@ impl PgListener {
     }
 
     /// A cached SaltedPassword, if this (password, salt, iterations) was computed before.
-    pub fn cached_salted_password(
-        &self,
-        password: &str,
-        salt: &[u8],
-        iterations: u32,
-    ) -> Option<[u8; 32]> {
-        self.salted
-            .get(&Self::salted_key(password, salt, iterations))
-            .map(|v| *v)
+    pub fn cached_salted_password(&self, password: &str, salt: &[u8], iterations: u32) -> Option<[u8; 32]> {
+        self.salted.get(&Self::salted_key(password, salt, iterations)).map(|v| *v)
     }
 
     /// SaltedPassword for an upstream SCRAM login (PBKDF2; call off the async workers), cached

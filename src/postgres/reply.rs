@@ -43,10 +43,9 @@ impl PgRefusal {
     /// SQLSTATE.
     pub fn code(&self) -> &'static str {
         match self {
-            PgRefusal::TlsRequired
-            | PgRefusal::LockedOut
-            | PgRefusal::CertFailed(_)
-            | PgRefusal::CertRequired => "28000",
+            PgRefusal::TlsRequired | PgRefusal::LockedOut | PgRefusal::CertFailed(_) | PgRefusal::CertRequired => {
+                "28000"
+            }
             PgRefusal::NoUser => "28000",
             PgRefusal::TooManyConnections => "53300",
             PgRefusal::PasswordFailed(_) => "28P01",
@@ -61,9 +60,7 @@ impl PgRefusal {
     /// The message text.
     pub fn message(&self) -> String {
         match self {
-            PgRefusal::TlsRequired => {
-                "TLS is required by this server (use sslmode=require or stronger)".into()
-            }
+            PgRefusal::TlsRequired => "TLS is required by this server (use sslmode=require or stronger)".into(),
             PgRefusal::TooManyConnections => "sorry, too many clients already".into(),
             PgRefusal::LockedOut => "too many failed authentication attempts".into(),
             PgRefusal::PasswordFailed(u) => {
@@ -115,18 +112,15 @@ mod tests {
 
     #[test]
     fn frames_carry_code_and_text() {
-        let r = PgRefusal::LoginNotAllowed {
-            user: "postgres".into(),
-            reason: "bootstrap or administrative user",
-        };
+        let r = PgRefusal::LoginNotAllowed { user: "postgres".into(), reason: "bootstrap or administrative user" };
         let f = r.to_frame();
         assert_eq!(f[0], b'E');
         let fields = error_fields(&f[5..]);
         assert!(fields.contains(&(b'C', "42501".into())));
-        assert!(fields.contains(&(b'M', "login as \"postgres\" is not allowed through this proxy: bootstrap or administrative user".into())));
-        assert_eq!(
-            i32::from_be_bytes([f[1], f[2], f[3], f[4]]) as usize,
-            f.len() - 1
-        );
+        assert!(fields.contains(&(
+            b'M',
+            "login as \"postgres\" is not allowed through this proxy: bootstrap or administrative user".into()
+        )));
+        assert_eq!(i32::from_be_bytes([f[1], f[2], f[3], f[4]]) as usize, f.len() - 1);
     }
 }

@@ -79,12 +79,7 @@ pub(super) type Step<T> = Result<T, ConnOutcome>;
 
 /// Handles one accepted connection.
 pub async fn handle(acc: Accepted, l: Arc<PgListener>, shared: Arc<Shared>) {
-    let Accepted {
-        tcp,
-        peer,
-        session,
-        admission,
-    } = acc;
+    let Accepted { tcp, peer, session, admission } = acc;
     let admitted = admission.is_ok();
     let mut limit = shared.config().limits.handshake_timeout;
     if !admitted {
@@ -116,9 +111,7 @@ pub async fn handle(acc: Accepted, l: Arc<PgListener>, shared: Arc<Shared>) {
             return;
         }
         Err(_) => {
-            shared
-                .metrics
-                .connection(&s.cfg.name, PG, ConnOutcome::Timeout);
+            shared.metrics.connection(&s.cfg.name, PG, ConnOutcome::Timeout);
             s.audit(Event::ConnRejected, "refused", Some("login_timeout"));
             return;
         }
@@ -128,11 +121,7 @@ pub async fn handle(acc: Accepted, l: Arc<PgListener>, shared: Arc<Shared>) {
     let (bin, bout) = shared.metrics.bytes(&s.cfg.name);
     bin.inc_by(stats.up);
     bout.inc_by(stats.down);
-    let outcome = if stats.killed {
-        ConnOutcome::Drained
-    } else {
-        ConnOutcome::Closed
-    };
+    let outcome = if stats.killed { ConnOutcome::Drained } else { ConnOutcome::Closed };
     shared.metrics.connection(&s.cfg.name, PG, outcome);
     let mut r = s.record(Event::SessionEnd);
     r.outcome = Some(if stats.killed { "drained" } else { "closed" });
@@ -181,28 +170,15 @@ impl Session {
 
     /// Time left for the login, less a margin to deliver an error before the deadline.
     pub(super) fn remaining(&self) -> Duration {
-        self.deadline
-            .saturating_duration_since(Instant::now())
-            .saturating_sub(Duration::from_millis(300))
+        self.deadline.saturating_duration_since(Instant::now()).saturating_sub(Duration::from_millis(300))
     }
 
     async fn login(&mut self, tcp: TcpStream, admitted: bool) -> Step<Ready> {
-        let Negotiated {
-            mut client,
-            startup,
-            served,
-            subjects,
-        } = self.negotiate(tcp).await?;
+        let Negotiated { mut client, startup, served, subjects } = self.negotiate(tcp).await?;
         self.user = Some(startup.user.clone());
-        self.database = Some(
-            startup
-                .database
-                .clone()
-                .unwrap_or_else(|| startup.user.clone()),
-        );
+        self.database = Some(startup.database.clone().unwrap_or_else(|| startup.user.clone()));
         if !admitted {
-            self.refuse(&mut client.io, PgRefusal::TooManyConnections)
-                .await;
+            self.refuse(&mut client.io, PgRefusal::TooManyConnections).await;
             self.audit(Event::ConnRejected, "refused", Some("connection_limit"));
             return Err(ConnOutcome::LimitReached);
         }
@@ -210,31 +186,21 @@ impl Session {
             return Err(self.locked_out(&mut client.io).await);
         }
         if startup.needs_negotiation() {
-            let npv =
-                codec::negotiate_protocol_version(196_608, startup.unsupported_options.clone());
-            codec::send(&mut client.io, &npv)
-                .await
-                .map_err(|_| ConnOutcome::Closed)?;
+            let npv = codec::negotiate_protocol_version(196_608, startup.unsupported_options.clone());
+            codec::send(&mut client.io, &npv).await.map_err(|_| ConnOutcome::Closed)?;
         }
         if let Err(rej) = check_login(&startup, &self.cfg.deny_users) {
-            return Err(self
-                .reject(&mut client.io, &startup.user, rej.reason, rej.text)
-                .await);
+            return Err(self.reject(&mut client.io, &startup.user, rej.reason, rej.text).await);
         }
         let (user, greeting) = match self.cfg.auth {
-            PgAuthMode::Scram => {
-                self.auth_scram(&mut client, &startup, served.as_deref())
-                    .await?
-            }
+            PgAuthMode::Scram => self.auth_scram(&mut client, &startup, served.as_deref()).await?,
             PgAuthMode::Cert => self.auth_cert(&mut client, &startup, &subjects).await?,
             PgAuthMode::Passthrough => {
                 let upstream = self.passthrough(&mut client, &startup).await?;
                 return self.finish_startup(client, upstream).await;
             }
         };
-        let upstream = self
-            .upstream_login(&mut client, &startup, &user, greeting)
-            .await?;
+        let upstream = self.upstream_login(&mut client, &startup, &user, greeting).await?;
         self.finish_startup(client, upstream).await
     }
 
@@ -251,18 +217,13 @@ impl Session {
     ) -> Step<tokio_rustls::server::TlsStream<TcpStream>> {
         match TlsAcceptor::from(served.postgres.clone()).accept(tcp).await {
             Ok(tls) => {
-                self.tls_version =
-                    crate::net::tls::version_label(tls.get_ref().1.protocol_version());
-                self.shared
-                    .metrics
-                    .tls_handshake(&self.cfg.name, self.tls_version, true);
+                self.tls_version = crate::net::tls::version_label(tls.get_ref().1.protocol_version());
+                self.shared.metrics.tls_handshake(&self.cfg.name, self.tls_version, true);
                 Ok(tls)
             }
             Err(e) => {
                 tracing::debug!(error = %e, "TLS handshake failed");
-                self.shared
-                    .metrics
-                    .tls_handshake(&self.cfg.name, "none", false);
+                self.shared.metrics.tls_handshake(&self.cfg.name, "none", false);
                 self.audit(Event::ConnRejected, "refused", Some("tls_handshake_failed"));
                 Err(ConnOutcome::TlsFailed)
             }
@@ -284,9 +245,7 @@ impl Session {
             let mut io = Stream::Server(Box::new(tls));
             if !alpn_ok {
                 let msg = "received direct SSL connection request without ALPN protocol negotiation extension";
-                return Err(self
-                    .refuse_protocol(&mut io, PgRefusal::Protocol(msg.into()))
-                    .await);
+                return Err(self.refuse_protocol(&mut io, PgRefusal::Protocol(msg.into())).await);
             }
             served = Some(sv);
             io
@@ -307,30 +266,20 @@ impl Session {
             match code {
                 codec::CODE_SSL | codec::CODE_GSSENC if served.is_some() => {
                     let (maj, min) = ((code as u32 >> 16) as u16, (code as u32 & 0xffff) as u16);
-                    return Err(self
-                        .refuse_protocol(&mut r.io, PgRefusal::UnsupportedProtocol(maj, min))
-                        .await);
+                    return Err(self.refuse_protocol(&mut r.io, PgRefusal::UnsupportedProtocol(maj, min)).await);
                 }
                 codec::CODE_GSSENC => {
-                    codec::send(&mut r.io, b"N")
-                        .await
-                        .map_err(|_| ConnOutcome::Closed)?;
+                    codec::send(&mut r.io, b"N").await.map_err(|_| ConnOutcome::Closed)?;
                 }
                 codec::CODE_SSL if self.cfg.tls == ListenerTls::Disabled => {
-                    codec::send(&mut r.io, b"N")
-                        .await
-                        .map_err(|_| ConnOutcome::Closed)?;
+                    codec::send(&mut r.io, b"N").await.map_err(|_| ConnOutcome::Closed)?;
                 }
                 codec::CODE_SSL => {
                     if !r.buf.is_empty() {
-                        let refusal = PgRefusal::Protocol(
-                            "received unencrypted data after SSL request".into(),
-                        );
+                        let refusal = PgRefusal::Protocol("received unencrypted data after SSL request".into());
                         return Err(self.refuse_protocol(&mut r.io, refusal).await);
                     }
-                    codec::send(&mut r.io, b"S")
-                        .await
-                        .map_err(|_| ConnOutcome::Closed)?;
+                    codec::send(&mut r.io, b"S").await.map_err(|_| ConnOutcome::Closed)?;
                     let Stream::Plain(tcp) = r.io else {
                         return Err(ConnOutcome::ProtocolError);
                     };
@@ -351,9 +300,7 @@ impl Session {
                     if served.is_none() && self.cfg.tls == ListenerTls::Required {
                         self.user = Some(startup.user.clone());
                         self.refuse(&mut r.io, PgRefusal::TlsRequired).await;
-                        self.shared
-                            .metrics
-                            .tls_handshake(&self.cfg.name, "none", false);
+                        self.shared.metrics.tls_handshake(&self.cfg.name, "none", false);
                         self.audit(Event::ConnRejected, "refused", Some("plaintext"));
                         return Err(ConnOutcome::TlsFailed);
                     }
@@ -368,12 +315,7 @@ impl Session {
                         _ => Vec::new(),
                     };
                     self.client_cert = subjects.iter().find(|s| s.starts_with("CN=")).cloned();
-                    return Ok(Negotiated {
-                        client: r,
-                        startup,
-                        served,
-                        subjects,
-                    });
+                    return Ok(Negotiated { client: r, startup, served, subjects });
                 }
             }
         }
@@ -398,11 +340,7 @@ impl Session {
                 let _ = codec::send(&mut io, &codec::cancel_request(pid, upstream_secret)).await;
                 // Wait for the upstream to close, as PostgreSQL's own cancel does.
                 let mut sink = [0u8; 1];
-                let _ = tokio::time::timeout(
-                    deadline,
-                    tokio::io::AsyncReadExt::read(&mut io, &mut sink),
-                )
-                .await;
+                let _ = tokio::time::timeout(deadline, tokio::io::AsyncReadExt::read(&mut io, &mut sink)).await;
             }
             Err(e) => tracing::warn!(error = %e, "cancel could not reach the upstream"),
         }
@@ -415,41 +353,22 @@ impl Session {
         reason: PgRejectReason,
         text: &'static str,
     ) -> ConnOutcome {
-        self.refuse(
-            io,
-            PgRefusal::LoginNotAllowed {
-                user: user.to_string(),
-                reason: text,
-            },
-        )
-        .await;
+        self.refuse(io, PgRefusal::LoginNotAllowed { user: user.to_string(), reason: text }).await;
         self.shared.metrics.pg_rejected(&self.cfg.name, reason);
         self.audit(Event::PgLoginRejected, "refused", Some(reason.as_str()));
         ConnOutcome::Rejected
     }
 
-    pub(super) async fn upstream_unavailable(
-        &mut self,
-        c: &mut MsgReader<Stream>,
-        why: &str,
-    ) -> ConnOutcome {
+    pub(super) async fn upstream_unavailable(&mut self, c: &mut MsgReader<Stream>, why: &str) -> ConnOutcome {
         tracing::warn!(reason = %why, "upstream login failed");
-        self.refuse(
-            &mut c.io,
-            PgRefusal::UpstreamUnavailable(self.cfg.name.clone()),
-        )
-        .await;
+        self.refuse(&mut c.io, PgRefusal::UpstreamUnavailable(self.cfg.name.clone())).await;
         self.audit(Event::ConnRejected, "error", Some("upstream_unavailable"));
         ConnOutcome::UpstreamFailed
     }
 
     /// Relays the upstream's startup messages up to ReadyForQuery, swapping the cancel key and
     /// refusing superuser sessions before ReadyForQuery reaches the client.
-    async fn finish_startup(
-        &mut self,
-        mut c: MsgReader<Stream>,
-        mut u: MsgReader<Stream>,
-    ) -> Step<Ready> {
+    async fn finish_startup(&mut self, mut c: MsgReader<Stream>, mut u: MsgReader<Stream>) -> Step<Ready> {
         let mut out = BytesMut::new();
         let mut is_superuser: Option<bool> = None;
         loop {
@@ -470,22 +389,14 @@ impl Session {
                 b'K' if self.cancel_key.is_none() => {
                     let mut b = Body(m.body.clone());
                     let (Ok(pid), Ok(secret)) = (b.i32(), b.i32()) else {
-                        return Err(self
-                            .upstream_unavailable(&mut c, "malformed BackendKeyData")
-                            .await);
+                        return Err(self.upstream_unavailable(&mut c, "malformed BackendKeyData").await);
                     };
                     let ours = self.l.cancels.register(pid, secret);
-                    self.cancel_key = Some(CancelKey {
-                        l: self.l.clone(),
-                        pid,
-                        secret: ours,
-                    });
+                    self.cancel_key = Some(CancelKey { l: self.l.clone(), pid, secret: ours });
                     out.extend_from_slice(&codec::backend_key_data(pid, ours));
                 }
                 b'K' => {
-                    return Err(self
-                        .upstream_unavailable(&mut c, "second BackendKeyData")
-                        .await);
+                    return Err(self.upstream_unavailable(&mut c, "second BackendKeyData").await);
                 }
                 b'E' => {
                     let _ = codec::send(&mut c.io, &out).await;
@@ -508,17 +419,10 @@ impl Session {
             } else {
                 "the upstream session has superuser privileges"
             };
-            return Err(self
-                .reject(&mut c.io, &user, PgRejectReason::Superuser, text)
-                .await);
+            return Err(self.reject(&mut c.io, &user, PgRejectReason::Superuser, text).await);
         }
         out.extend_from_slice(&u.buf.split());
-        codec::send(&mut c.io, &out)
-            .await
-            .map_err(|_| ConnOutcome::Closed)?;
-        Ok(Ready {
-            client: c,
-            upstream: u,
-        })
+        codec::send(&mut c.io, &out).await.map_err(|_| ConnOutcome::Closed)?;
+        Ok(Ready { client: c, upstream: u })
     }
 }

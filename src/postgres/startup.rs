@@ -40,9 +40,7 @@ impl Startup {
                 break;
             }
             // Values are any bytes to PostgreSQL (e.g. a Latin-1 application_name).
-            let v = b
-                .cstr_lossy()
-                .map_err(|_| bad("expected terminator as last byte"))?;
+            let v = b.cstr_lossy().map_err(|_| bad("expected terminator as last byte"))?;
             if k.starts_with("_pq_.") {
                 unsupported_options.push(k);
             } else {
@@ -54,23 +52,10 @@ impl Startup {
         if !b.rest().is_empty() {
             return Err(bad("expected terminator as last byte"));
         }
-        let get = |name: &str| {
-            params
-                .iter()
-                .find(|(k, _)| k == name)
-                .map(|(_, v)| v.clone())
-        };
-        let user = get("user")
-            .filter(|u| !u.is_empty())
-            .ok_or(PgRefusal::NoUser)?;
+        let get = |name: &str| params.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone());
+        let user = get("user").filter(|u| !u.is_empty()).ok_or(PgRefusal::NoUser)?;
         let database = get("database").filter(|d| !d.is_empty());
-        Ok(Startup {
-            minor,
-            user,
-            database,
-            params,
-            unsupported_options,
-        })
+        Ok(Startup { minor, user, database, params, unsupported_options })
     }
 
     /// Whether PostgreSQL 15 would answer with NegotiateProtocolVersion.
@@ -80,17 +65,12 @@ impl Startup {
 
     /// The value of a parameter.
     pub fn get(&self, name: &str) -> Option<&str> {
-        self.params
-            .iter()
-            .find(|(k, _)| k == name)
-            .map(|(_, v)| v.as_str())
+        self.params.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
     }
 
     /// Parameters to send upstream: everything but user/database/replication (set by the proxy).
     pub fn forwarded_params(&self) -> impl Iterator<Item = &(String, String)> {
-        self.params
-            .iter()
-            .filter(|(k, _)| !matches!(k.as_str(), "user" | "database" | "replication"))
+        self.params.iter().filter(|(k, _)| !matches!(k.as_str(), "user" | "database" | "replication"))
     }
 }
 
@@ -181,16 +161,10 @@ fn option_gucs(tokens: &[String]) -> Vec<String> {
 /// connections, and any attempt to set role/session_authorization at login.
 pub fn check_login(s: &Startup, deny_users: &[String]) -> Result<(), LoginRejection> {
     if deny_users.iter().any(|d| d.eq_ignore_ascii_case(&s.user)) {
-        return Err(LoginRejection {
-            reason: PgRejectReason::DenyList,
-            text: "bootstrap or administrative user",
-        });
+        return Err(LoginRejection { reason: PgRejectReason::DenyList, text: "bootstrap or administrative user" });
     }
     if let Some(r) = s.get("replication")
-        && !matches!(
-            r.to_ascii_lowercase().as_str(),
-            "false" | "off" | "no" | "0"
-        )
+        && !matches!(r.to_ascii_lowercase().as_str(), "false" | "off" | "no" | "0")
     {
         return Err(LoginRejection {
             reason: PgRejectReason::Replication,
@@ -198,9 +172,7 @@ pub fn check_login(s: &Startup, deny_users: &[String]) -> Result<(), LoginReject
         });
     }
     let role_param = s.params.iter().any(|(k, _)| sets_role(k));
-    let role_option = s
-        .get("options")
-        .is_some_and(|o| option_gucs(&split_options(o)).iter().any(|n| sets_role(n)));
+    let role_option = s.get("options").is_some_and(|o| option_gucs(&split_options(o)).iter().any(|n| sets_role(n)));
     if role_param || role_option {
         return Err(LoginRejection {
             reason: PgRejectReason::RoleOption,
@@ -234,15 +206,8 @@ mod tests {
 
     #[test]
     fn parses_and_negotiates() {
-        let s = Startup::parse(packet(
-            196_610,
-            &[("user", "app"), ("_pq_.foo", "1"), ("database", "d")],
-        ))
-        .unwrap();
-        assert_eq!(
-            (s.minor, s.user.as_str(), s.database.as_deref()),
-            (2, "app", Some("d"))
-        );
+        let s = Startup::parse(packet(196_610, &[("user", "app"), ("_pq_.foo", "1"), ("database", "d")])).unwrap();
+        assert_eq!((s.minor, s.user.as_str(), s.database.as_deref()), (2, "app", Some("d")));
         assert_eq!(s.unsupported_options, vec!["_pq_.foo".to_string()]);
         assert!(s.needs_negotiation());
         assert!(!startup(&[("user", "app")]).needs_negotiation());
@@ -254,18 +219,9 @@ mod tests {
             Startup::parse(packet(4 << 16, &[("user", "a")])).unwrap_err(),
             PgRefusal::UnsupportedProtocol(4, 0)
         );
-        assert_eq!(
-            Startup::parse(packet(196_608, &[("database", "a")])).unwrap_err(),
-            PgRefusal::NoUser
-        );
-        assert!(matches!(
-            Startup::parse(Bytes::from_static(b"\0\x03\0\0user\0x")),
-            Err(PgRefusal::Protocol(_))
-        ));
-        assert!(matches!(
-            Startup::parse(Bytes::from_static(b"\0\x03")),
-            Err(PgRefusal::Protocol(_))
-        ));
+        assert_eq!(Startup::parse(packet(196_608, &[("database", "a")])).unwrap_err(), PgRefusal::NoUser);
+        assert!(matches!(Startup::parse(Bytes::from_static(b"\0\x03\0\0user\0x")), Err(PgRefusal::Protocol(_))));
+        assert!(matches!(Startup::parse(Bytes::from_static(b"\0\x03")), Err(PgRefusal::Protocol(_))));
     }
 
     #[test]
@@ -277,47 +233,17 @@ mod tests {
             (&[("user", "postgres")], Some(PgRejectReason::DenyList)),
             (&[("user", "PoStGrEs")], Some(PgRejectReason::DenyList)),
             (&[("user", "postgres2")], None),
-            (
-                &[("user", "app"), ("replication", "database")],
-                Some(PgRejectReason::Replication),
-            ),
-            (
-                &[("user", "app"), ("replication", "true")],
-                Some(PgRejectReason::Replication),
-            ),
+            (&[("user", "app"), ("replication", "database")], Some(PgRejectReason::Replication)),
+            (&[("user", "app"), ("replication", "true")], Some(PgRejectReason::Replication)),
             (&[("user", "app"), ("replication", "false")], None),
-            (
-                &[("user", "app"), ("options", "-c role=postgres")],
-                Some(PgRejectReason::RoleOption),
-            ),
-            (
-                &[("user", "app"), ("options", "-crole=postgres")],
-                Some(PgRejectReason::RoleOption),
-            ),
-            (
-                &[("user", "app"), ("options", "--role=postgres")],
-                Some(PgRejectReason::RoleOption),
-            ),
-            (
-                &[("user", "app"), ("options", "-c session-authorization=x")],
-                Some(PgRejectReason::RoleOption),
-            ),
-            (
-                &[("user", "app"), ("options", "-c SESSION_AUTHORIZATION=x")],
-                Some(PgRejectReason::RoleOption),
-            ),
-            (
-                &[("user", "app"), ("options", "-c search_path=a\\ role=b")],
-                None,
-            ),
-            (
-                &[("user", "app"), ("options", "-c search_path=public")],
-                None,
-            ),
-            (
-                &[("user", "app"), ("role", "postgres")],
-                Some(PgRejectReason::RoleOption),
-            ),
+            (&[("user", "app"), ("options", "-c role=postgres")], Some(PgRejectReason::RoleOption)),
+            (&[("user", "app"), ("options", "-crole=postgres")], Some(PgRejectReason::RoleOption)),
+            (&[("user", "app"), ("options", "--role=postgres")], Some(PgRejectReason::RoleOption)),
+            (&[("user", "app"), ("options", "-c session-authorization=x")], Some(PgRejectReason::RoleOption)),
+            (&[("user", "app"), ("options", "-c SESSION_AUTHORIZATION=x")], Some(PgRejectReason::RoleOption)),
+            (&[("user", "app"), ("options", "-c search_path=a\\ role=b")], None),
+            (&[("user", "app"), ("options", "-c search_path=public")], None),
+            (&[("user", "app"), ("role", "postgres")], Some(PgRejectReason::RoleOption)),
         ];
         for (params, want) in cases {
             let got = check_login(&startup(params), &deny).err().map(|r| r.reason);

@@ -21,13 +21,9 @@ pub async fn connect(l: &PgListener, deadline: Duration) -> Result<Stream, Upstr
     let Some(tls) = l.upstream_tls() else {
         return Ok(Stream::Plain(tcp));
     };
-    tcp.write_all(&codec::SSL_REQUEST)
-        .await
-        .map_err(UpstreamError::Connect)?;
+    tcp.write_all(&codec::SSL_REQUEST).await.map_err(UpstreamError::Connect)?;
     let mut answer = [0u8; 1];
-    tcp.read_exact(&mut answer)
-        .await
-        .map_err(UpstreamError::Connect)?;
+    tcp.read_exact(&mut answer).await.map_err(UpstreamError::Connect)?;
     if answer[0] != b'S' {
         return Err(UpstreamError::TlsRefused);
     }
@@ -67,16 +63,11 @@ pub async fn login(
     password: Option<&Secret>,
 ) -> Result<MsgReader<Stream>, LoginError> {
     let mut r = MsgReader::new(io, BytesMut::new());
-    codec::send(&mut r.io, &codec::startup_message(params))
-        .await
-        .map_err(protocol)?;
+    codec::send(&mut r.io, &codec::startup_message(params)).await.map_err(protocol)?;
     let mut scram: Option<ScramClient> = None;
     let mut scram_final = None;
     loop {
-        let m = r
-            .message(codec::MAX_BACKEND_LOGIN_MESSAGE)
-            .await
-            .map_err(protocol)?;
+        let m = r.message(codec::MAX_BACKEND_LOGIN_MESSAGE).await.map_err(protocol)?;
         match m.tag {
             b'E' => {
                 let code = codec::error_fields(&m.body)
@@ -84,34 +75,24 @@ pub async fn login(
                     .find(|(c, _)| *c == b'C')
                     .map(|(_, v)| v)
                     .unwrap_or_default();
-                return Err(LoginError::Error(UpstreamErrorResponse {
-                    code,
-                    frame: m.frame,
-                }));
+                return Err(LoginError::Error(UpstreamErrorResponse { code, frame: m.frame }));
             }
             b'R' => {}
             b'N' => continue,
             b'v' => continue, // NegotiateProtocolVersion: we asked for 3.0, nothing to adapt.
             t => {
-                return Err(
-                    protocol(format!("unexpected message {:?} during login", t as char)).into(),
-                );
+                return Err(protocol(format!("unexpected message {:?} during login", t as char)).into());
             }
         }
         let mut b = Body(m.body);
         let code = b.i32().map_err(protocol)?;
         let need_pw = || {
-            password.ok_or_else(|| {
-                UpstreamError::Refused("upstream asks for a password but none is configured".into())
-            })
+            password.ok_or_else(|| UpstreamError::Refused("upstream asks for a password but none is configured".into()))
         };
         match code {
             // AuthenticationOk in the middle of SCRAM would skip the server's proof.
             0 if scram.is_some() || scram_final.is_some() => {
-                return Err(UpstreamError::Refused(
-                    "upstream skipped the SCRAM server proof".into(),
-                )
-                .into());
+                return Err(UpstreamError::Refused("upstream skipped the SCRAM server proof".into()).into());
             }
             0 => return Ok(r),
             // Cleartext and MD5 would hand the runtime secret (or an offline-crackable hash) to
@@ -120,11 +101,7 @@ pub async fn login(
                 return Err(UpstreamError::Refused(format!(
                     "upstream asked for {} authentication; the proxy only uses SCRAM-SHA-256 \
                      (set password_encryption = 'scram-sha-256' and reset the role's password)",
-                    if code == 3 {
-                        "cleartext password"
-                    } else {
-                        "MD5"
-                    }
+                    if code == 3 { "cleartext password" } else { "MD5" }
                 ))
                 .into());
             }
@@ -138,63 +115,43 @@ pub async fn login(
                     mechs.push(s);
                 }
                 if !mechs.iter().any(|m| m == SCRAM_SHA_256) {
-                    return Err(UpstreamError::Refused(format!(
-                        "no supported SASL mechanism in {mechs:?}"
-                    ))
-                    .into());
+                    return Err(UpstreamError::Refused(format!("no supported SASL mechanism in {mechs:?}")).into());
                 }
                 need_pw()?;
                 let (client, first) = ScramClient::start();
                 scram = Some(client);
-                codec::send(
-                    &mut r.io,
-                    &codec::sasl_initial_response(SCRAM_SHA_256, first.as_bytes()),
-                )
-                .await
-                .map_err(protocol)?;
+                codec::send(&mut r.io, &codec::sasl_initial_response(SCRAM_SHA_256, first.as_bytes()))
+                    .await
+                    .map_err(protocol)?;
             }
             11 => {
-                let client = scram
-                    .take()
-                    .ok_or_else(|| protocol("SASLContinue without SASL"))?;
+                let client = scram.take().ok_or_else(|| protocol("SASLContinue without SASL"))?;
                 let pw = need_pw()?.expose().to_string();
                 let server_first = b.rest();
-                let (salt, iterations) = server_first_params(&server_first).map_err(|e| {
-                    UpstreamError::Refused(format!("upstream SCRAM challenge: {e}"))
-                })?;
+                let (salt, iterations) = server_first_params(&server_first)
+                    .map_err(|e| UpstreamError::Refused(format!("upstream SCRAM challenge: {e}")))?;
                 let salted = match l.cached_salted_password(&pw, &salt, iterations) {
                     Some(v) => v,
                     None => {
                         // PBKDF2 is CPU work: keep it off the async workers.
                         let l2 = l.clone();
-                        tokio::task::spawn_blocking(move || {
-                            l2.salted_password(&pw, &salt, iterations)
-                        })
-                        .await
-                        .map_err(protocol)?
+                        tokio::task::spawn_blocking(move || l2.salted_password(&pw, &salt, iterations))
+                            .await
+                            .map_err(protocol)?
                     }
                 };
-                let (fin, msg) = client
-                    .respond(&server_first, |_, _| salted)
-                    .map_err(|e| UpstreamError::Refused(e.to_string()))?;
+                let (fin, msg) =
+                    client.respond(&server_first, |_, _| salted).map_err(|e| UpstreamError::Refused(e.to_string()))?;
                 scram_final = Some(fin);
-                codec::send(&mut r.io, &codec::password_message(msg.as_bytes()))
-                    .await
-                    .map_err(protocol)?;
+                codec::send(&mut r.io, &codec::password_message(msg.as_bytes())).await.map_err(protocol)?;
             }
             12 => {
-                let fin = scram_final
-                    .take()
-                    .ok_or_else(|| protocol("SASLFinal without SASLContinue"))?;
-                fin.verify(&b.rest()).map_err(|_| {
-                    UpstreamError::Refused("upstream server signature mismatch".into())
-                })?;
+                let fin = scram_final.take().ok_or_else(|| protocol("SASLFinal without SASLContinue"))?;
+                fin.verify(&b.rest())
+                    .map_err(|_| UpstreamError::Refused("upstream server signature mismatch".into()))?;
             }
             other => {
-                return Err(UpstreamError::Refused(format!(
-                    "unsupported authentication request {other}"
-                ))
-                .into());
+                return Err(UpstreamError::Refused(format!("unsupported authentication request {other}")).into());
             }
         }
     }

@@ -100,7 +100,9 @@ impl CommandInfo {
                     let found = if *startfrom >= 0 {
                         (*startfrom..argc).find(|i| args[*i as usize].eq_ignore_ascii_case(keyword.as_bytes()))
                     } else {
-                        (1..=(argc + startfrom)).rev().find(|i| args[*i as usize].eq_ignore_ascii_case(keyword.as_bytes()))
+                        (1..=(argc + startfrom))
+                            .rev()
+                            .find(|i| args[*i as usize].eq_ignore_ascii_case(keyword.as_bytes()))
                     };
                     match found {
                         Some(i) => i + 1,

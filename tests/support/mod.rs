@@ -14,11 +14,8 @@ pub fn pg() -> &'static PgInstance {
     static PG: OnceLock<PgInstance> = OnceLock::new();
     PG.get_or_init(|| {
         let c = certs();
-        PgInstance::start(
-            Some(std::process::id()),
-            Some((&c.join("server.crt"), &c.join("server.key"))),
-        )
-        .expect("PostgreSQL 15 must start for these tests (apt-get install postgresql-15)")
+        PgInstance::start(Some(std::process::id()), Some((&c.join("server.crt"), &c.join("server.key"))))
+            .expect("PostgreSQL 15 must start for these tests (apt-get install postgresql-15)")
     })
 }
 
@@ -64,23 +61,14 @@ impl Proxy {
 /// `rogue`, and the runtime password file) and starts the proxy. `listener_extra` is appended
 /// inside the `[[postgres]]` table; `top_extra` goes before it.
 pub async fn proxy(top_extra: &str, listener_extra: &str) -> Proxy {
-    proxy_with_upstream(
-        top_extra,
-        listener_extra,
-        &format!("127.0.0.1:{}", pg().port),
-    )
-    .await
+    proxy_with_upstream(top_extra, listener_extra, &format!("127.0.0.1:{}", pg().port)).await
 }
 
 pub async fn proxy_with_upstream(top_extra: &str, listener_extra: &str, upstream: &str) -> Proxy {
     let pg = pg();
     let dir = tempfile::tempdir().unwrap();
     let c = certs();
-    std::fs::write(
-        dir.path().join("runtime.pass"),
-        format!("{}\n", pg.runtime_password),
-    )
-    .unwrap();
+    std::fs::write(dir.path().join("runtime.pass"), format!("{}\n", pg.runtime_password)).unwrap();
     std::fs::write(dir.path().join("rogue.pass"), &pg.rogue_password).unwrap();
     let users = format!(
         r#"
@@ -132,30 +120,18 @@ deny_users = ["postgres"]
 {listener_extra}
 "#,
         dir = dir.path().display(),
-        allow = if listener_extra.contains("allow") {
-            ""
-        } else {
-            "allow = [\"127.0.0.0/8\"]"
-        },
+        allow = if listener_extra.contains("allow") { "" } else { "allow = [\"127.0.0.0/8\"]" },
     );
     let config_path = dir.path().join("portcullis.toml");
     std::fs::write(&config_path, config).unwrap();
     let cfg = portcullis::config::load(&config_path).unwrap_or_else(|e| panic!("test config: {e}"));
     let running = Running::start(cfg).await.unwrap();
-    Proxy {
-        running,
-        dir,
-        config_path,
-    }
+    Proxy { running, dir, config_path }
 }
 
 /// A rustls client config trusting the dev CA (ring provider), optionally with the client cert.
 pub fn client_tls(with_client_cert: bool) -> rustls::ClientConfig {
-    client_tls_versions(
-        with_client_cert,
-        &[&rustls::version::TLS13, &rustls::version::TLS12],
-        certs(),
-    )
+    client_tls_versions(with_client_cert, &[&rustls::version::TLS13, &rustls::version::TLS12], certs())
 }
 
 pub fn client_tls_versions(
@@ -167,17 +143,13 @@ pub fn client_tls_versions(
     for c in CertificateDer::pem_file_iter(pki.join("ca.crt")).unwrap() {
         roots.add(c.unwrap()).unwrap();
     }
-    let b = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_protocol_versions(versions)
-    .unwrap()
-    .with_root_certificates(roots);
+    let b = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_protocol_versions(versions)
+        .unwrap()
+        .with_root_certificates(roots);
     if with_client_cert {
-        let chain: Vec<_> = CertificateDer::pem_file_iter(pki.join("client.crt"))
-            .unwrap()
-            .map(|c| c.unwrap())
-            .collect();
+        let chain: Vec<_> =
+            CertificateDer::pem_file_iter(pki.join("client.crt")).unwrap().map(|c| c.unwrap()).collect();
         let key = PrivateKeyDer::from_pem_file(pki.join("client.key")).unwrap();
         b.with_client_auth_cert(chain, key).unwrap()
     } else {
@@ -202,13 +174,10 @@ pub async fn connect_tls(
     extra: &str,
     tls: rustls::ClientConfig,
 ) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
-    let conn_str = format!(
-        "host=localhost port={port} user={user} password={password} dbname=app sslmode=require {extra}"
-    );
-    let (client, conn) = conn_str
-        .parse::<tokio_postgres::Config>()?
-        .connect(tokio_postgres_rustls::MakeRustlsConnect::new(tls))
-        .await?;
+    let conn_str =
+        format!("host=localhost port={port} user={user} password={password} dbname=app sslmode=require {extra}");
+    let (client, conn) =
+        conn_str.parse::<tokio_postgres::Config>()?.connect(tokio_postgres_rustls::MakeRustlsConnect::new(tls)).await?;
     tokio::spawn(async move {
         let _ = conn.await;
     });
@@ -225,21 +194,15 @@ pub fn refused<T>(r: Result<T, tokio_postgres::Error>, what: &str) -> tokio_post
 
 /// SQLSTATE and message of a tokio-postgres error (panics if it is not a server error).
 pub fn db_error(e: &tokio_postgres::Error) -> (String, String) {
-    let d = e
-        .as_db_error()
-        .unwrap_or_else(|| panic!("expected a server error, got: {e:?}"));
+    let d = e.as_db_error().unwrap_or_else(|| panic!("expected a server error, got: {e:?}"));
     (d.code().code().to_string(), d.message().to_string())
 }
 
 /// SSLRequest + TLS + a StartupMessage by hand; returns the first backend message.
 pub async fn tls_startup(port: u16, params: &[(&str, &str)]) -> (u8, Vec<u8>) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
-        .await
-        .unwrap();
-    s.write_all(&[0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f])
-        .await
-        .unwrap();
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    s.write_all(&[0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f]).await.unwrap();
     let mut b = [0u8; 1];
     s.read_exact(&mut b).await.unwrap();
     assert_eq!(b[0], b'S');
@@ -254,10 +217,7 @@ pub async fn tls_connect(
     cfg: rustls::ClientConfig,
 ) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
     let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
-    tokio_rustls::TlsConnector::from(Arc::new(cfg))
-        .connect(name, s)
-        .await
-        .unwrap()
+    tokio_rustls::TlsConnector::from(Arc::new(cfg)).connect(name, s).await.unwrap()
 }
 
 /// Raw plaintext helpers for byte-level tests.
@@ -298,12 +258,7 @@ pub mod raw {
     /// (SQLSTATE, message) of an ErrorResponse body.
     pub fn code_and_message(body: &[u8]) -> (String, String) {
         let f = fields(body);
-        let get = |c| {
-            f.iter()
-                .find(|(k, _)| *k == c)
-                .map(|(_, v)| v.clone())
-                .unwrap_or_default()
-        };
+        let get = |c| f.iter().find(|(k, _)| *k == c).map(|(_, v)| v.clone()).unwrap_or_default();
         (get(b'C'), get(b'M'))
     }
 }

@@ -1,0 +1,102 @@
+//! Argon2id password verification for Redis `AUTH`: off the async workers on a bounded pool,
+//! with a short-lived cache of verified credentials keyed by a keyed hash (never the password),
+//! so a reconnect storm costs one Argon2 run per credential, not one per connection.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use argon2::{PasswordHash, PasswordVerifier};
+use dashmap::DashMap;
+use hmac::{Hmac, KeyInit, Mac};
+use sha2::Sha256;
+use tokio::sync::Semaphore;
+
+/// How long a verified credential is remembered.
+const CACHE_TTL: Duration = Duration::from_secs(60);
+/// Entries before the cache is cleared (bounded memory under a storm of distinct passwords).
+const CACHE_MAX: usize = 10_000;
+
+/// The verification pool and cache.
+#[derive(Debug)]
+pub struct Argon2Pool {
+    permits: Arc<Semaphore>,
+    cache: DashMap<[u8; 32], Instant>,
+    key: [u8; 32],
+}
+
+impl Argon2Pool {
+    /// A pool running at most `parallel` verifications at once.
+    pub fn new(parallel: usize) -> Argon2Pool {
+        let mut key = [0u8; 32];
+        rand::fill(&mut key);
+        Argon2Pool { permits: Arc::new(Semaphore::new(parallel.max(1))), cache: DashMap::new(), key }
+    }
+
+    fn cache_key(&self, user: &str, phc: &str, password: &[u8]) -> [u8; 32] {
+        let mut m = <Hmac<Sha256> as KeyInit>::new_from_slice(&self.key).expect("hmac takes any key length");
+        m.update(user.as_bytes());
+        m.update(&[0]);
+        m.update(phc.as_bytes());
+        m.update(&[0]);
+        m.update(password);
+        m.finalize().into_bytes().into()
+    }
+
+    /// True when `password` matches the PHC string. Wrong passwords are never cached.
+    pub async fn verify(&self, user: &str, phc: &str, password: &[u8]) -> bool {
+        let key = self.cache_key(user, phc, password);
+        if self.cache.get(&key).is_some_and(|t| t.elapsed() < CACHE_TTL) {
+            return true;
+        }
+        let Ok(_permit) = self.permits.clone().acquire_owned().await else {
+            return false;
+        };
+        let (phc, password) = (phc.to_string(), password.to_vec());
+        let ok = tokio::task::spawn_blocking(move || {
+            PasswordHash::new(&phc).is_ok_and(|h| argon2::Argon2::default().verify_password(&password, &h).is_ok())
+        })
+        .await
+        .unwrap_or(false);
+        if ok {
+            if self.cache.len() >= CACHE_MAX {
+                self.cache.clear();
+            }
+            self.cache.insert(key, Instant::now());
+        }
+        ok
+    }
+
+    /// Verifies against a dummy hash (unknown users), so timing does not reveal who exists.
+    pub async fn burn(&self, password: &[u8]) {
+        static DUMMY: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+        let phc = DUMMY.get_or_init(|| {
+            use argon2::PasswordHasher;
+            argon2::Argon2::default().hash_password(b"portcullis-dummy").map(|h| h.to_string()).unwrap_or_default()
+        });
+        let _ = self.verify("\0dummy", phc, password).await;
+    }
+}
+
+/// An Argon2id PHC string for `password` (the `user hash --protocol redis` output).
+pub fn hash(password: &[u8]) -> Result<String, String> {
+    use argon2::PasswordHasher;
+    argon2::Argon2::default().hash_password(password).map(|h| h.to_string()).map_err(|e| e.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn verifies_and_caches_only_successes() {
+        let pool = Argon2Pool::new(2);
+        let phc = hash(b"right").unwrap();
+        assert!(phc.starts_with("$argon2id$v=19$"));
+        assert!(pool.verify("u", &phc, b"right").await);
+        assert_eq!(pool.cache.len(), 1);
+        assert!(!pool.verify("u", &phc, b"wrong").await);
+        assert_eq!(pool.cache.len(), 1);
+        assert!(pool.verify("u", &phc, b"right").await, "served from the cache");
+        assert!(!pool.verify("u", "not a phc", b"right").await);
+    }
+}
