@@ -17,6 +17,7 @@ use crate::metrics::{Metrics, Protocol};
 use crate::net::listener::{ConnCounter, ListenerSpec, accept_loop};
 use crate::net::tls::{TlsError, TlsState};
 use crate::postgres::PgListener;
+use crate::redis::RedisListener;
 
 /// Startup failures.
 #[derive(Debug, thiserror::Error)]
@@ -85,8 +86,11 @@ pub struct Running {
     pub admin_addr: SocketAddr,
     /// Bound Postgres listener addresses, by name.
     pub postgres_addrs: Vec<(String, SocketAddr)>,
+    /// Bound Redis listener addresses, by name.
+    pub redis_addrs: Vec<(String, SocketAddr)>,
     shared: Arc<Shared>,
     pg: Vec<Arc<PgListener>>,
+    redis: Vec<Arc<RedisListener>>,
     background: CancellationToken,
 }
 
@@ -131,13 +135,34 @@ impl Running {
             postgres_addrs.push((lc.name.clone(), addr));
             pg.push(listener);
         }
+        let mut redis = Vec::new();
+        let mut redis_addrs = Vec::new();
+        for lc in &config.redis {
+            let listener = Arc::new(RedisListener::new(lc)?);
+            let tcp = TcpListener::bind(lc.listen).await.map_err(|err| AppError::Bind { addr: lc.listen, err })?;
+            let addr = tcp.local_addr().map_err(|err| AppError::Bind { addr: lc.listen, err })?;
+            shared.metrics.init_listener(&lc.name, Protocol::Redis);
+            let spec = ListenerSpec {
+                name: lc.name.clone(),
+                protocol: Protocol::Redis,
+                allow: lc.allow.clone(),
+                max_connections: lc.max_connections,
+            };
+            let (s, l) = (shared.clone(), listener.clone());
+            tokio::spawn(accept_loop(tcp, spec, shared.clone(), move |acc| {
+                crate::redis::session::handle(acc, l.clone(), s.clone())
+            }));
+            tracing::info!(listener = %lc.name, %addr, "redis listener ready");
+            redis_addrs.push((lc.name.clone(), addr));
+            redis.push(listener);
+        }
         let admin = TcpListener::bind(config.admin_listen)
             .await
             .map_err(|err| AppError::Bind { addr: config.admin_listen, err })?;
         let admin_addr = admin.local_addr().map_err(|err| AppError::Bind { addr: config.admin_listen, err })?;
         tokio::spawn(crate::admin::serve(admin, shared.clone(), background.clone()));
         tracing::info!(%admin_addr, "admin listener ready");
-        let running = Running { admin_addr, postgres_addrs, shared, pg, background };
+        let running = Running { admin_addr, postgres_addrs, redis_addrs, shared, pg, redis, background };
         running.spawn_background();
         Ok(running)
     }
@@ -149,17 +174,27 @@ impl Running {
 
     fn spawn_background(&self) {
         // Upstream health probe: a TCP dial per listener every few seconds feeds `upstream_up`.
-        let (shared, pg, stop) = (self.shared.clone(), self.pg.clone(), self.background.clone());
+        let (shared, pg, redis, stop) =
+            (self.shared.clone(), self.pg.clone(), self.redis.clone(), self.background.clone());
         tokio::spawn(async move {
             loop {
-                for l in &pg {
-                    let cfg = l.config();
+                let upstreams = pg
+                    .iter()
+                    .map(|l| {
+                        let c = l.config();
+                        (c.name.clone(), c.upstream.clone())
+                    })
+                    .chain(redis.iter().map(|l| {
+                        let c = l.config();
+                        (c.name.clone(), c.upstream.clone())
+                    }));
+                for (name, upstream) in upstreams {
                     let t = Instant::now();
-                    let ok = crate::net::upstream::dial(&cfg.upstream, Duration::from_secs(2)).await.is_ok();
+                    let ok = crate::net::upstream::dial(&upstream, Duration::from_secs(2)).await.is_ok();
                     if !ok {
-                        shared.metrics.upstream_connect(&cfg.name, t.elapsed().as_secs_f64(), false);
+                        shared.metrics.upstream_connect(&name, t.elapsed().as_secs_f64(), false);
                     } else {
-                        shared.metrics.set_upstream_up(&cfg.name, true);
+                        shared.metrics.set_upstream_up(&name, true);
                     }
                 }
                 shared.lockout.sweep();
@@ -170,7 +205,8 @@ impl Running {
             }
         });
         // File watcher: certificates and users files, by content (follows symlink swaps).
-        let (shared, pg, stop) = (self.shared.clone(), self.pg.clone(), self.background.clone());
+        let (shared, pg, redis, stop) =
+            (self.shared.clone(), self.pg.clone(), self.redis.clone(), self.background.clone());
         tokio::spawn(async move {
             loop {
                 tokio::select! {
@@ -183,7 +219,14 @@ impl Running {
                 }
                 for l in &pg {
                     if l.users_changed() {
-                        reload_users(&shared, l);
+                        let c = l.config();
+                        reload_users(&shared, &c.name, || l.reload_users());
+                    }
+                }
+                for l in &redis {
+                    if l.users_changed() {
+                        let c = l.config();
+                        reload_users(&shared, &c.name, || l.reload_users());
                     }
                 }
             }
@@ -211,6 +254,15 @@ impl Running {
         let new = Arc::new(new);
         for l in &self.pg {
             if let Some(lc) = new.postgres.iter().find(|p| p.name == l.config().name)
+                && let Err(e) = l.reload(lc)
+            {
+                self.shared.metrics.config_reload(false);
+                tracing::error!(error = %e, "listener reload refused; keeping the running config");
+                return Err(e.to_string());
+            }
+        }
+        for l in &self.redis {
+            if let Some(lc) = new.redis.iter().find(|p| p.name == l.config().name)
                 && let Err(e) = l.reload(lc)
             {
                 self.shared.metrics.config_reload(false);
@@ -267,11 +319,10 @@ fn reload_tls(shared: &Shared, cfg: &Config) {
     }
 }
 
-fn reload_users(shared: &Shared, l: &PgListener) {
+fn reload_users(shared: &Shared, listener: &str, reload: impl FnOnce() -> Result<usize, ConfigError>) {
     let mut r = Record::new(Event::ConfigReload);
-    let name = l.config().name.clone();
-    r.listener = Some(&name);
-    match l.reload_users() {
+    r.listener = Some(listener);
+    match reload() {
         Ok(n) => {
             shared.metrics.config_reload(true);
             r.outcome = Some("ok");

@@ -23,6 +23,8 @@ pub enum Event {
     ConfigReload,
     /// Certificates were reloaded.
     CertReload,
+    /// A Redis command was denied by policy.
+    RedisDenied,
 }
 
 impl Event {
@@ -36,6 +38,7 @@ impl Event {
             Event::Lockout => "lockout",
             Event::ConfigReload => "config_reload",
             Event::CertReload => "cert_reload",
+            Event::RedisDenied => "redis_denied",
         }
     }
 }
@@ -73,6 +76,10 @@ pub struct Record<'a> {
     pub bytes_in: Option<u64>,
     /// Bytes upstream → client (`session_end`).
     pub bytes_out: Option<u64>,
+    /// Redis command name (command-table name) for `redis_denied`.
+    pub command: Option<&'a str>,
+    /// Redis key, as a keyed hash unless the listener says `redact_keys = false`.
+    pub key: Option<&'a str>,
 }
 
 impl<'a> Record<'a> {
@@ -94,6 +101,8 @@ impl<'a> Record<'a> {
             duration_ms: None,
             bytes_in: None,
             bytes_out: None,
+            command: None,
+            key: None,
         }
     }
 
@@ -119,6 +128,8 @@ impl<'a> Record<'a> {
         put("upstream_user", self.upstream_user.map(str::to_string));
         put("outcome", self.outcome.map(str::to_string));
         put("reason", self.reason.map(str::to_string));
+        put("command", self.command.map(str::to_string));
+        put("key", self.key.map(str::to_string));
         for (k, v) in [("duration_ms", self.duration_ms), ("bytes_in", self.bytes_in), ("bytes_out", self.bytes_out)] {
             if let Some(v) = v {
                 m.insert(k.into(), v.into());

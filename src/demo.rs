@@ -237,6 +237,94 @@ impl Drop for PgInstance {
     }
 }
 
+/// A running private Redis: `default` user disabled, ACL user `portcullis` for the proxy.
+#[derive(Debug)]
+pub struct RedisInstance {
+    /// TCP port on 127.0.0.1 (plaintext).
+    pub port: u16,
+    /// Native TLS port, when started with TLS material.
+    pub tls_port: Option<u16>,
+    /// Password of the ACL user `portcullis`.
+    pub password: String,
+    dir: Option<tempfile::TempDir>,
+    child: Option<Child>,
+}
+
+impl RedisInstance {
+    /// Starts `redis-server` in a fresh directory. `tls`: (cert, key, ca) for a native TLS port.
+    /// With `watch_pid`, a watchdog stops it when that process exits.
+    pub fn start(watch_pid: Option<u32>, tls: Option<(&Path, &Path, &Path)>) -> io::Result<RedisInstance> {
+        let dir = tempfile::Builder::new().prefix("portcullis-redis-").tempdir()?;
+        let port = free_port()?;
+        let password = random_password();
+        let mut conf = format!(
+            "port {port}\nbind 127.0.0.1\nsave \"\"\nappendonly no\ndir {d}\nlogfile {d}/redis.log\nprotected-mode yes\n\
+             user default off\nuser portcullis on >{password} ~* &* +@all\n",
+            d = dir.path().display()
+        );
+        let mut tls_port = None;
+        if let Some((cert, key, ca)) = tls {
+            let p = free_port()?;
+            conf.push_str(&format!(
+                "tls-port {p}\ntls-cert-file {}\ntls-key-file {}\ntls-ca-cert-file {}\ntls-auth-clients no\n",
+                cert.display(),
+                key.display(),
+                ca.display()
+            ));
+            tls_port = Some(p);
+        }
+        std::fs::write(dir.path().join("redis.conf"), conf)?;
+        let child = Command::new("redis-server")
+            .arg(dir.path().join("redis.conf"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .map_err(|e| io::Error::other(format!("redis-server: {e} (apt-get install -y redis-server)")))?;
+        let mut inst = RedisInstance { port, tls_port, password, dir: None, child: Some(child) };
+        if let Some(pid) = watch_pid {
+            let script = format!(
+                "while kill -0 {pid} 2>/dev/null; do sleep 0.5; done; kill -TERM {child} 2>/dev/null; sleep 1; kill -KILL {child} 2>/dev/null; rm -rf '{dir}'",
+                child = inst.child.as_ref().map(|c| c.id()).unwrap_or_default(),
+                dir = dir.path().display()
+            );
+            Command::new("sh")
+                .args(["-c", &script])
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .process_group(0)
+                .spawn()?;
+            let _ = dir.keep();
+        } else {
+            inst.dir = Some(dir);
+        }
+        let t = Instant::now();
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            if t.elapsed() > Duration::from_secs(20) {
+                return Err(io::Error::other("redis-server did not start within 20s"));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Ok(inst)
+    }
+
+    /// Stops the server.
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        self.dir.take();
+    }
+}
+
+impl Drop for RedisInstance {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
 /// `portcullis demo`: a private PostgreSQL, dev certificates and users, the proxy in front on
 /// the dev config's ports; prints a ready-to-paste psql line; Ctrl-C cleans up.
 pub async fn run_demo(config_path: &Path) -> Result<(), String> {

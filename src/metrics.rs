@@ -108,6 +108,8 @@ pub struct Metrics {
     auth_attempts_total: IntCounterVec,
     pg_rejected_total: IntCounterVec,
     bytes_total: IntCounterVec,
+    redis_commands_total: IntCounterVec,
+    redis_denied_total: IntCounterVec,
     upstream_connect_seconds: HistogramVec,
     upstream_up: IntGaugeVec,
     lockouts_total: IntCounter,
@@ -197,6 +199,18 @@ impl Metrics {
                 &["listener", "reason"],
             ),
             bytes_total: counter(&r, "bytes_total", "Bytes forwarded.", &["listener", "direction"]),
+            redis_commands_total: counter(
+                &r,
+                "redis_commands_total",
+                "Redis commands by verdict.",
+                &["listener", "verdict"],
+            ),
+            redis_denied_total: counter(
+                &r,
+                "redis_denied_total",
+                "Redis commands denied by policy, by command (names from the command table only).",
+                &["listener", "command"],
+            ),
             config_reloads_total: counter(
                 &r,
                 "config_reloads_total",
@@ -225,8 +239,16 @@ impl Metrics {
         self.connections_active.with_label_values(&[listener, protocol.as_str()]).set(0);
         self.bytes_total.with_label_values(&[listener, "client_to_upstream"]);
         self.bytes_total.with_label_values(&[listener, "upstream_to_client"]);
+        let method = match protocol {
+            Protocol::Postgres => "scram",
+            Protocol::Redis => "password",
+        };
         for r in ["success", "failure"] {
-            self.auth_attempts_total.with_label_values(&[listener, protocol.as_str(), "scram", r]);
+            self.auth_attempts_total.with_label_values(&[listener, protocol.as_str(), method, r]);
+        }
+        if protocol == Protocol::Redis {
+            self.redis_commands_total.with_label_values(&[listener, "allowed"]);
+            self.redis_commands_total.with_label_values(&[listener, "denied"]);
         }
         self.upstream_up.with_label_values(&[listener]).set(1);
     }
@@ -251,6 +273,23 @@ impl Metrics {
         self.auth_attempts_total
             .with_label_values(&[listener, protocol.as_str(), method, if ok { "success" } else { "failure" }])
             .inc();
+    }
+
+    /// A Redis command verdict; `denied` carries the command-table name for the per-command count.
+    pub fn redis_command(&self, listener: &str, denied: Option<&str>) {
+        self.redis_commands_total
+            .with_label_values(&[listener, if denied.is_some() { "denied" } else { "allowed" }])
+            .inc();
+        if let Some(cmd) = denied {
+            self.redis_denied_total.with_label_values(&[listener, cmd]).inc();
+        }
+    }
+
+    /// Allowed Redis commands counted in bulk (one batch).
+    pub fn redis_allowed(&self, listener: &str, n: u64) {
+        if n > 0 {
+            self.redis_commands_total.with_label_values(&[listener, "allowed"]).inc_by(n);
+        }
     }
 
     /// A Postgres login refused by policy.

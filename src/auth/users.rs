@@ -213,3 +213,63 @@ mod tests {
         assert_eq!(e.line, Some(3), "{e}");
     }
 }
+
+/// A users file that can be reloaded: the current users and the content hash they came from.
+#[derive(Debug)]
+pub struct UsersFile {
+    path: Option<std::path::PathBuf>,
+    state: std::sync::RwLock<(std::sync::Arc<Users>, Vec<u8>)>,
+}
+
+fn fingerprint(path: Option<&Path>) -> Vec<u8> {
+    use sha2::Digest;
+    path.map(|p| sha2::Sha256::digest(std::fs::read(p).unwrap_or_default()).to_vec()).unwrap_or_default()
+}
+
+impl UsersFile {
+    /// Loads `path` (no path: no users).
+    pub fn load(path: Option<&Path>) -> Result<UsersFile, ConfigError> {
+        let fp = fingerprint(path);
+        let users = match path {
+            Some(p) => Users::load(p)?,
+            None => Users::default(),
+        };
+        Ok(UsersFile {
+            path: path.map(Path::to_path_buf),
+            state: std::sync::RwLock::new((std::sync::Arc::new(users), fp)),
+        })
+    }
+
+    /// The current users.
+    pub fn get(&self) -> std::sync::Arc<Users> {
+        self.state.read().map(|u| u.0.clone()).unwrap_or_else(|p| p.into_inner().0.clone())
+    }
+
+    /// True when the file's content changed since the last (attempted) load.
+    pub fn changed(&self) -> bool {
+        let current = self.state.read().map(|u| u.1.clone()).unwrap_or_default();
+        self.path.is_some() && fingerprint(self.path.as_deref()) != current
+    }
+
+    /// Loads the file again; on error the old users stay (and the bad content is remembered,
+    /// so it is reported once, not at every poll).
+    pub fn reload(&self) -> Result<usize, ConfigError> {
+        let fp = fingerprint(self.path.as_deref());
+        let users = match &self.path {
+            Some(p) => Users::load(p),
+            None => Ok(Users::default()),
+        };
+        let mut g = self.state.write().unwrap_or_else(|p| p.into_inner());
+        match users {
+            Ok(u) => {
+                let n = u.len();
+                *g = (std::sync::Arc::new(u), fp);
+                Ok(n)
+            }
+            Err(e) => {
+                g.1 = fp;
+                Err(e)
+            }
+        }
+    }
+}

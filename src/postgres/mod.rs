@@ -17,6 +17,7 @@ use dashmap::DashMap;
 use sha2::Digest;
 
 use crate::auth::Users;
+use crate::auth::users::UsersFile;
 use crate::config::{ConfigError, PostgresListener};
 use crate::net::tls::TlsError;
 use crate::net::upstream::UpstreamTlsClient;
@@ -45,7 +46,7 @@ impl From<PgListenerError> for crate::app::AppError {
 #[derive(Debug)]
 pub struct PgListener {
     cfg: RwLock<Arc<PostgresListener>>,
-    users: RwLock<(Arc<Users>, Vec<u8>)>,
+    users: RwLock<Arc<UsersFile>>,
     upstream_tls: RwLock<Option<UpstreamTlsClient>>,
     /// Proxy-issued cancel keys → upstream keys of open sessions.
     pub cancels: cancel::CancelMap,
@@ -53,29 +54,14 @@ pub struct PgListener {
     salted: DashMap<[u8; 32], [u8; 32]>,
 }
 
-fn users_fingerprint(cfg: &PostgresListener) -> Vec<u8> {
-    cfg.users_file
-        .as_ref()
-        .map(|p| sha2::Sha256::digest(std::fs::read(p).unwrap_or_default()).to_vec())
-        .unwrap_or_default()
-}
-
-fn load_users(cfg: &PostgresListener) -> Result<Users, ConfigError> {
-    match &cfg.users_file {
-        Some(p) => Users::load(p),
-        None => Ok(Users::default()),
-    }
-}
-
 impl PgListener {
     /// Loads the listener's users and upstream TLS settings.
     pub fn new(cfg: &PostgresListener) -> Result<PgListener, PgListenerError> {
-        let fp = users_fingerprint(cfg);
-        let users = load_users(cfg)?;
+        let users = UsersFile::load(cfg.users_file.as_deref())?;
         let tls = cfg.upstream_tls.as_ref().map(|t| UpstreamTlsClient::new(t, Some(b"postgresql"))).transpose()?;
         Ok(PgListener {
             cfg: RwLock::new(Arc::new(cfg.clone())),
-            users: RwLock::new((Arc::new(users), fp)),
+            users: RwLock::new(Arc::new(users)),
             upstream_tls: RwLock::new(tls),
             cancels: cancel::CancelMap::default(),
             salted: DashMap::new(),
@@ -87,9 +73,13 @@ impl PgListener {
         self.cfg.read().map(|c| c.clone()).unwrap_or_else(|p| p.into_inner().clone())
     }
 
+    fn users_file(&self) -> Arc<UsersFile> {
+        self.users.read().map(|u| u.clone()).unwrap_or_else(|p| p.into_inner().clone())
+    }
+
     /// The current users.
     pub fn users(&self) -> Arc<Users> {
-        self.users.read().map(|u| u.0.clone()).unwrap_or_else(|p| p.into_inner().0.clone())
+        self.users_file().get()
     }
 
     /// The upstream TLS client, when configured.
@@ -99,37 +89,19 @@ impl PgListener {
 
     /// True when the users file's content changed since it was loaded.
     pub fn users_changed(&self) -> bool {
-        let cfg = self.config();
-        let current = self.users.read().map(|u| u.1.clone()).unwrap_or_default();
-        cfg.users_file.is_some() && users_fingerprint(&cfg) != current
+        self.users_file().changed()
     }
 
     /// Loads the users file again; the old users stay on error.
     pub fn reload_users(&self) -> Result<usize, ConfigError> {
-        let cfg = self.config();
-        let fp = users_fingerprint(&cfg);
-        let users = load_users(&cfg);
-        let mut g = self.users.write().unwrap_or_else(|p| p.into_inner());
-        match users {
-            Ok(u) => {
-                let n = u.len();
-                *g = (Arc::new(u), fp);
-                Ok(n)
-            }
-            Err(e) => {
-                // Remember the bad content so it is reported once, not every poll.
-                g.1 = fp;
-                Err(e)
-            }
-        }
+        self.users_file().reload()
     }
 
     /// Applies a reloaded listener config (users and upstream TLS are loaded first).
     pub fn reload(&self, cfg: &PostgresListener) -> Result<(), PgListenerError> {
-        let fp = users_fingerprint(cfg);
-        let users = load_users(cfg)?;
+        let users = UsersFile::load(cfg.users_file.as_deref())?;
         let tls = cfg.upstream_tls.as_ref().map(|t| UpstreamTlsClient::new(t, Some(b"postgresql"))).transpose()?;
-        *self.users.write().unwrap_or_else(|p| p.into_inner()) = (Arc::new(users), fp);
+        *self.users.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(users);
         *self.upstream_tls.write().unwrap_or_else(|p| p.into_inner()) = tls;
         *self.cfg.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(cfg.clone());
         Ok(())

@@ -159,12 +159,14 @@ pub fn split_args(line: &[u8]) -> Option<Vec<Vec<u8>>> {
                 if i >= line.len() {
                     return None;
                 }
-                if line[i] == b'\\' && i + 3 < line.len() && line[i + 1] == b'x' {
-                    if let (Some(a), Some(b)) = (hex(line[i + 2]), hex(line[i + 3])) {
-                        cur.push(a * 16 + b);
-                        i += 4;
-                        continue;
-                    }
+                if line[i] == b'\\'
+                    && i + 3 < line.len()
+                    && line[i + 1] == b'x'
+                    && let (Some(a), Some(b)) = (hex(line[i + 2]), hex(line[i + 3]))
+                {
+                    cur.push(a * 16 + b);
+                    i += 4;
+                    continue;
                 }
                 if line[i] == b'\\' && i + 1 < line.len() {
                     i += 1;

@@ -262,3 +262,218 @@ pub mod raw {
         (get(b'C'), get(b'M'))
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// Redis
+
+use portcullis::demo::RedisInstance;
+
+/// The shared Redis of this test binary (native TLS port too, with the dev PKI).
+pub fn redis() -> &'static RedisInstance {
+    static R: OnceLock<RedisInstance> = OnceLock::new();
+    R.get_or_init(|| {
+        let c = certs();
+        RedisInstance::start(
+            Some(std::process::id()),
+            Some((&c.join("server.crt"), &c.join("server.key"), &c.join("ca.crt"))),
+        )
+        .expect("redis-server must start for these tests (apt-get install redis-server)")
+    })
+}
+
+/// Redis passwords of the test users.
+pub const REDIS_APP_PW: &str = "redis-app-pw-31f0";
+pub const REDIS_KEYS_PW: &str = "redis-keys-pw-77aa";
+pub const REDIS_ADMIN_PW: &str = "redis-admin-pw-c3d2";
+
+/// A proxy with one `[[redis]]` listener in front of the shared Redis. Users: `app` (listener
+/// default rules), `keys` (`+@all -@dangerous ~app:* ~session:*`), `admin` (`+@all`), and a
+/// certificate user `certapp` (CN=app).
+pub async fn redis_proxy(top_extra: &str, listener_extra: &str) -> Proxy {
+    redis_proxy_for(redis(), top_extra, listener_extra).await
+}
+
+/// The same, in front of a given Redis (tests that count what reaches the upstream use their own).
+pub async fn redis_proxy_for(r: &RedisInstance, top_extra: &str, listener_extra: &str) -> Proxy {
+    let dir = tempfile::tempdir().unwrap();
+    let c = certs();
+    std::fs::write(dir.path().join("redis.pass"), &r.password).unwrap();
+    let hash = |pw: &str| portcullis::auth::argon::hash(pw.as_bytes()).unwrap();
+    let users = format!(
+        r#"
+[[users]]
+name = "app"
+redis_argon2 = "{app}"
+
+[[users]]
+name = "keys"
+redis_argon2 = "{keys}"
+redis_rules = "+@all -@dangerous ~app:* ~session:*"
+
+[[users]]
+name = "admin"
+redis_argon2 = "{admin}"
+redis_rules = "+@all"
+
+[[users]]
+name = "certapp"
+cert_subjects = ["CN=app"]
+"#,
+        app = hash(REDIS_APP_PW),
+        keys = hash(REDIS_KEYS_PW),
+        admin = hash(REDIS_ADMIN_PW),
+    );
+    std::fs::write(dir.path().join("users.toml"), users).unwrap();
+    let tls = if top_extra.contains("[tls]") {
+        String::new()
+    } else {
+        format!(
+            "[tls]\ncert = \"{c}/server.crt\"\nkey = \"{c}/server.key\"\nclient_ca = \"{c}/ca.crt\"\n",
+            c = c.display()
+        )
+    };
+    let upstream = if listener_extra.contains("upstream =") {
+        String::new()
+    } else {
+        format!("upstream = \"127.0.0.1:{}\"", r.port)
+    };
+    let config = format!(
+        r#"
+[admin]
+listen = "127.0.0.1:0"
+{tls}
+{top_extra}
+
+[[redis]]
+name = "cache"
+listen = "127.0.0.1:0"
+{upstream}
+users_file = "{dir}/users.toml"
+upstream_user = "portcullis"
+upstream_password_file = "{dir}/redis.pass"
+{listener_extra}
+"#,
+        dir = dir.path().display()
+    );
+    let config_path = dir.path().join("portcullis.toml");
+    std::fs::write(&config_path, config).unwrap();
+    let cfg = portcullis::config::load(&config_path).unwrap_or_else(|e| panic!("test config: {e}"));
+    let running = Running::start(cfg).await.unwrap();
+    Proxy { running, dir, config_path }
+}
+
+impl Proxy {
+    pub fn redis_port(&self) -> u16 {
+        self.running.redis_addrs[0].1.port()
+    }
+}
+
+/// A raw RESP client (TLS to the proxy, or plaintext straight to Redis) for byte-exact tests.
+pub struct RawRedis {
+    io: Box<dyn RawIo>,
+    buf: Vec<u8>,
+}
+
+pub trait RawIo: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> RawIo for T {}
+
+impl RawRedis {
+    /// TLS to the proxy.
+    pub async fn proxy(port: u16) -> RawRedis {
+        let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+        RawRedis { io: Box::new(tls_connect(tcp, client_tls(false)).await), buf: Vec::new() }
+    }
+
+    /// TLS with the client certificate (CN=app).
+    pub async fn proxy_with_cert(port: u16) -> RawRedis {
+        let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+        RawRedis { io: Box::new(tls_connect(tcp, client_tls(true)).await), buf: Vec::new() }
+    }
+
+    /// Plaintext to the proxy (to see the TLS refusal).
+    pub async fn plain(port: u16) -> RawRedis {
+        let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+        RawRedis { io: Box::new(tcp), buf: Vec::new() }
+    }
+
+    /// Plaintext straight to the shared Redis (the oracle), unauthenticated.
+    pub async fn direct() -> RawRedis {
+        let tcp = tokio::net::TcpStream::connect(("127.0.0.1", redis().port)).await.unwrap();
+        RawRedis { io: Box::new(tcp), buf: Vec::new() }
+    }
+
+    /// Straight to Redis as an ACL user (created with `acl_user`).
+    pub async fn direct_as(user: &str, pw: &str) -> RawRedis {
+        RawRedis::direct_to(redis().port, user, pw).await
+    }
+
+    /// Straight to the Redis on `port` as an ACL user.
+    pub async fn direct_to(port: u16, user: &str, pw: &str) -> RawRedis {
+        let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+        let mut r = RawRedis { io: Box::new(tcp), buf: Vec::new() };
+        assert_eq!(r.call(&["AUTH", user, pw]).await, b"+OK\r\n");
+        r
+    }
+
+    pub async fn send_raw(&mut self, bytes: &[u8]) {
+        use tokio::io::AsyncWriteExt;
+        self.io.write_all(bytes).await.unwrap();
+        self.io.flush().await.unwrap();
+    }
+
+    pub async fn send(&mut self, args: &[&str]) {
+        let v: Vec<&[u8]> = args.iter().map(|a| a.as_bytes()).collect();
+        self.send_raw(&portcullis::redis::codec::encode_command(&v)).await;
+    }
+
+    /// Reads one reply (RESP2 or RESP3 framing), raw.
+    pub async fn read(&mut self, resp3: bool) -> Vec<u8> {
+        use tokio::io::AsyncReadExt;
+        loop {
+            if let Some((len, _)) = portcullis::redis::codec::frame_reply(&self.buf, resp3).unwrap() {
+                return self.buf.drain(..len).collect();
+            }
+            let mut tmp = vec![0u8; 65536];
+            let n = tokio::time::timeout(std::time::Duration::from_secs(10), self.io.read(&mut tmp))
+                .await
+                .expect("reply within 10 s")
+                .unwrap();
+            assert!(
+                n > 0,
+                "connection closed while waiting for a reply; have {:?}",
+                String::from_utf8_lossy(&self.buf)
+            );
+            self.buf.extend_from_slice(&tmp[..n]);
+        }
+    }
+
+    pub async fn call(&mut self, args: &[&str]) -> Vec<u8> {
+        self.send(args).await;
+        self.read(false).await
+    }
+
+    /// True when the server closed the connection (after any pending bytes).
+    pub async fn closed(&mut self) -> bool {
+        use tokio::io::AsyncReadExt;
+        let mut tmp = [0u8; 1024];
+        matches!(
+            tokio::time::timeout(std::time::Duration::from_secs(5), self.io.read(&mut tmp)).await,
+            Ok(Ok(0)) | Ok(Err(_))
+        )
+    }
+}
+
+/// Creates (or replaces) an ACL user on the shared Redis: the oracle for policy decisions.
+pub async fn acl_user(name: &str, pw: &str, rules: &str) {
+    let mut admin = RawRedis::direct_as("portcullis", &redis().password).await;
+    let mut args = vec!["ACL", "SETUSER", name, "reset", "on"];
+    let pass = format!(">{pw}");
+    args.push(&pass);
+    args.push("&*");
+    let parts: Vec<&str> = rules.split_whitespace().collect();
+    if !parts.iter().any(|p| p.starts_with('~') || *p == "allkeys") {
+        args.push("~*");
+    }
+    args.extend(parts);
+    assert_eq!(admin.call(&args).await, b"+OK\r\n");
+}

@@ -1,0 +1,305 @@
+//! Reply ordering: every request the session handles leaves a slot here (so many upstream
+//! replies to pass on, a reply the proxy makes itself, upstream replies to swallow); upstream
+//! bytes are framed and matched to slots so proxy-made replies land exactly where Redis would
+//! have put its own. Pub/sub messages (RESP2 subscribed mode, RESP3 pushes) pass through
+//! without consuming a slot. No I/O here.
+
+use std::collections::{HashSet, VecDeque};
+use std::ops::Range;
+
+use bytes::Bytes;
+
+use super::codec::{ReplyKind, frame_reply};
+
+/// Which subscription family an argument-less unsubscribe concerns.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum SubKind {
+    Channel,
+    Pattern,
+    Shard,
+}
+
+/// A state change that takes effect once a reply has gone by.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Effect {
+    None,
+    /// HELLO <v>: the reply stream switches protocol after a successful reply.
+    Hello(u8),
+    /// RESET: back to RESP2, no subscriptions.
+    Reset,
+}
+
+/// What one request expects back.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) enum Slot {
+    /// `n` upstream replies go to the client.
+    Forward { n: u32, effect: Effect },
+    /// Argument-less (P|S)UNSUBSCRIBE: one reply per subscription at that point, at least one.
+    UnsubAll(SubKind),
+    /// A reply the proxy makes.
+    Local(Bytes),
+    /// `n` upstream replies the client must not see (the proxy's own commands).
+    Swallow(u32),
+}
+
+/// A piece of output for the client.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) enum Out {
+    /// Bytes of the upstream chunk being processed.
+    Upstream(Range<usize>),
+    /// A proxy-made reply.
+    Local(Bytes),
+}
+
+/// The ordering state of one session.
+#[derive(Debug, Default)]
+pub(super) struct Replies {
+    queue: VecDeque<Slot>,
+    /// Replies are RESP3 (after a successful HELLO 3).
+    pub(super) resp3: bool,
+    channels: HashSet<Vec<u8>>,
+    patterns: HashSet<Vec<u8>>,
+    shard: HashSet<Vec<u8>>,
+}
+
+fn is_message(kind: &str) -> bool {
+    matches!(kind, "message" | "pmessage" | "smessage")
+}
+
+fn is_sub_reply(kind: &str) -> bool {
+    matches!(kind, "subscribe" | "unsubscribe" | "psubscribe" | "punsubscribe" | "ssubscribe" | "sunsubscribe")
+}
+
+/// (kind, channel) of a subscription confirmation frame.
+fn sub_reply_parts(frame: &[u8], resp3: bool) -> Option<(String, Option<Vec<u8>>)> {
+    fn text2(f: &redis_protocol::resp2::types::OwnedFrame) -> Option<Vec<u8>> {
+        use redis_protocol::resp2::types::OwnedFrame as F;
+        match f {
+            F::BulkString(b) | F::SimpleString(b) => Some(b.clone()),
+            _ => None,
+        }
+    }
+    fn text3(f: &redis_protocol::resp3::types::OwnedFrame) -> Option<Vec<u8>> {
+        use redis_protocol::resp3::types::OwnedFrame as F;
+        match f {
+            F::BlobString { data, .. } | F::SimpleString { data, .. } => Some(data.clone()),
+            _ => None,
+        }
+    }
+    let items: Vec<Option<Vec<u8>>> = if resp3 {
+        use redis_protocol::resp3::types::OwnedFrame as F;
+        match redis_protocol::resp3::decode::complete::decode(frame).ok()??.0 {
+            F::Push { data, .. } | F::Array { data, .. } => data.iter().map(text3).collect(),
+            _ => return None,
+        }
+    } else {
+        use redis_protocol::resp2::types::OwnedFrame as F;
+        match redis_protocol::resp2::decode::decode(frame).ok()??.0 {
+            F::Array(data) => data.iter().map(text2).collect(),
+            _ => return None,
+        }
+    };
+    let kind = String::from_utf8_lossy(items.first()?.as_ref()?).to_ascii_lowercase();
+    Some((kind, items.get(1).cloned().flatten()))
+}
+
+impl Replies {
+    /// Adds a request's slot.
+    pub(super) fn push(&mut self, slot: Slot) {
+        if let Slot::Forward { n: 0, .. } | Slot::Swallow(0) = slot {
+            return;
+        }
+        self.queue.push_back(slot);
+    }
+
+    /// True when no reply is outstanding.
+    pub(super) fn idle(&self) -> bool {
+        self.queue.is_empty()
+    }
+
+    /// True while subscribed to anything.
+    pub(super) fn subscribed(&self) -> bool {
+        !(self.channels.is_empty() && self.patterns.is_empty() && self.shard.is_empty())
+    }
+
+    /// Moves proxy-made replies at the front of the queue to `out`.
+    pub(super) fn drain_locals(&mut self, out: &mut Vec<Out>) {
+        while let Some(Slot::Local(_)) = self.queue.front() {
+            if let Some(Slot::Local(b)) = self.queue.pop_front() {
+                out.push(Out::Local(b));
+            }
+        }
+    }
+
+    fn track(&mut self, kind: &str, channel: Option<Vec<u8>>) {
+        let Some(ch) = channel else { return };
+        match kind {
+            "subscribe" => self.channels.insert(ch),
+            "unsubscribe" => self.channels.remove(&ch),
+            "psubscribe" => self.patterns.insert(ch),
+            "punsubscribe" => self.patterns.remove(&ch),
+            "ssubscribe" => self.shard.insert(ch),
+            "sunsubscribe" => self.shard.remove(&ch),
+            _ => false,
+        };
+    }
+
+    /// Frames the complete replies at the start of `buf`, appending what the client gets to
+    /// `out`; returns the bytes consumed (a partial reply stays for the next read).
+    pub(super) fn on_upstream(&mut self, buf: &[u8], out: &mut Vec<Out>) -> Result<usize, String> {
+        let mut pos = 0;
+        while pos < buf.len() {
+            // HELLO's own reply already speaks the protocol it asked for.
+            let resp3 = match self.queue.front() {
+                Some(Slot::Forward { effect: Effect::Hello(v), .. }) => *v == 3,
+                _ => self.resp3,
+            };
+            let Some((len, kind)) = frame_reply(&buf[pos..], resp3)? else { break };
+            let frame = pos..pos + len;
+            pos += len;
+            let sub_kind = match &kind {
+                ReplyKind::Push(k) if !is_sub_reply(k) => {
+                    out.push(Out::Upstream(frame));
+                    continue;
+                }
+                ReplyKind::Array(k) if !self.resp3 && self.subscribed() && is_message(k) => {
+                    out.push(Out::Upstream(frame));
+                    continue;
+                }
+                ReplyKind::Push(k) | ReplyKind::Array(k) if is_sub_reply(k) => Some(k.clone()),
+                _ => None,
+            };
+            self.drain_locals(out);
+            if let Some(Slot::UnsubAll(k)) = self.queue.front() {
+                let n = match k {
+                    SubKind::Channel => self.channels.len(),
+                    SubKind::Pattern => self.patterns.len(),
+                    SubKind::Shard => self.shard.len(),
+                };
+                self.queue[0] = Slot::Forward { n: n.max(1) as u32, effect: Effect::None };
+            }
+            if sub_kind.is_some()
+                && let Some((k, ch)) = sub_reply_parts(&buf[frame.clone()], resp3)
+            {
+                self.track(&k, ch);
+            }
+            let is_error = kind == ReplyKind::Error;
+            match self.queue.front_mut() {
+                Some(Slot::Forward { n, effect }) => {
+                    out.push(Out::Upstream(frame));
+                    *n -= 1;
+                    if *n == 0 {
+                        match *effect {
+                            Effect::Hello(v) if !is_error => self.resp3 = v == 3,
+                            Effect::Reset => {
+                                self.resp3 = false;
+                                self.channels.clear();
+                                self.patterns.clear();
+                                self.shard.clear();
+                            }
+                            _ => {}
+                        }
+                        self.queue.pop_front();
+                    }
+                }
+                Some(Slot::Swallow(n)) => {
+                    *n -= 1;
+                    if *n == 0 {
+                        self.queue.pop_front();
+                    }
+                }
+                // Nothing expected (e.g. a reply after CLIENT REPLY ON raced): pass it on.
+                _ => out.push(Out::Upstream(frame)),
+            }
+        }
+        self.drain_locals(out);
+        Ok(pos)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run(r: &mut Replies, upstream: &[u8]) -> Vec<Vec<u8>> {
+        let mut out = Vec::new();
+        let used = r.on_upstream(upstream, &mut out).unwrap();
+        assert_eq!(used, upstream.len());
+        out.into_iter()
+            .map(|o| match o {
+                Out::Upstream(rg) => upstream[rg].to_vec(),
+                Out::Local(b) => b.to_vec(),
+            })
+            .collect()
+    }
+
+    fn fwd(n: u32) -> Slot {
+        Slot::Forward { n, effect: Effect::None }
+    }
+
+    #[test]
+    fn local_replies_keep_their_place() {
+        let mut r = Replies::default();
+        r.push(fwd(1));
+        r.push(Slot::Local(Bytes::from_static(b"-NOPERM x\r\n")));
+        r.push(fwd(1));
+        let mut out = Vec::new();
+        r.drain_locals(&mut out);
+        assert!(out.is_empty(), "the local waits for the first reply");
+        let got = run(&mut r, b"+A\r\n+B\r\n");
+        assert_eq!(got, vec![b"+A\r\n".to_vec(), b"-NOPERM x\r\n".to_vec(), b"+B\r\n".to_vec()]);
+        assert!(r.idle());
+    }
+
+    #[test]
+    fn swallowed_and_partial_replies() {
+        let mut r = Replies::default();
+        r.push(Slot::Swallow(1));
+        r.push(Slot::Local(Bytes::from_static(b"-EXECABORT\r\n")));
+        let mut out = Vec::new();
+        let used = r.on_upstream(b"+OK\r\n$5\r\nhel", &mut out).unwrap();
+        assert_eq!(used, 5);
+        assert_eq!(out, vec![Out::Local(Bytes::from_static(b"-EXECABORT\r\n"))]);
+    }
+
+    #[test]
+    fn resp2_pubsub_messages_do_not_consume_slots() {
+        let mut r = Replies::default();
+        r.push(fwd(2)); // SUBSCRIBE a b
+        let sub = b"*3\r\n$9\r\nsubscribe\r\n$1\r\na\r\n:1\r\n*3\r\n$9\r\nsubscribe\r\n$1\r\nb\r\n:2\r\n";
+        assert_eq!(run(&mut r, sub).len(), 2);
+        assert!(r.subscribed() && r.idle());
+        r.push(Slot::UnsubAll(SubKind::Channel));
+        r.push(Slot::Local(Bytes::from_static(b"-NOPERM y\r\n")));
+        let msg = b"*3\r\n$7\r\nmessage\r\n$1\r\na\r\n$2\r\nhi\r\n";
+        let unsub = b"*3\r\n$11\r\nunsubscribe\r\n$1\r\na\r\n:1\r\n*3\r\n$11\r\nunsubscribe\r\n$1\r\nb\r\n:0\r\n";
+        let mut input = msg.to_vec();
+        input.extend_from_slice(unsub);
+        let got = run(&mut r, &input);
+        assert_eq!(got.len(), 4, "message, two unsubscribes, then the local");
+        assert_eq!(got[3], b"-NOPERM y\r\n");
+        assert!(!r.subscribed() && r.idle());
+    }
+
+    #[test]
+    fn resp3_pushes_and_hello_switch() {
+        let mut r = Replies::default();
+        r.push(Slot::Forward { n: 1, effect: Effect::Hello(3) });
+        run(&mut r, b"%1\r\n$6\r\nserver\r\n$5\r\nredis\r\n");
+        assert!(r.resp3);
+        r.push(fwd(1));
+        let push = b">3\r\n$7\r\nmessage\r\n$1\r\nc\r\n$1\r\nx\r\n";
+        let mut input = push.to_vec();
+        input.extend_from_slice(b"_\r\n");
+        let got = run(&mut r, &input);
+        assert_eq!(got.len(), 2);
+        assert!(r.idle());
+        r.push(Slot::Forward { n: 1, effect: Effect::Reset });
+        run(&mut r, b"+RESET\r\n");
+        assert!(!r.resp3);
+        // a failed HELLO 3 does not switch
+        r.push(Slot::Forward { n: 1, effect: Effect::Hello(3) });
+        run(&mut r, b"-NOPROTO unsupported protocol version\r\n");
+        assert!(!r.resp3);
+    }
+}

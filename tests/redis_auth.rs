@@ -1,0 +1,150 @@
+//! Redis through the proxy, before and at authentication: TLS, the pre-auth refusals (the
+//! real Redis is the oracle for every text), local AUTH/HELLO AUTH, lockout, RESET, and that
+//! nothing from an unauthenticated client reaches Redis.
+
+mod support;
+
+use support::*;
+
+#[tokio::test]
+async fn plaintext_client_gets_the_tls_error() {
+    let p = redis_proxy("", "").await;
+    let mut s = RawRedis::plain(p.redis_port()).await;
+    s.send_raw(b"PING\r\n").await;
+    assert_eq!(s.read(false).await, b"-ERR TLS is required by this server (use rediss:// or --tls)\r\n");
+    assert!(s.closed().await);
+}
+
+#[tokio::test]
+async fn preauth_commands_get_redis_own_answers_and_never_reach_it() {
+    // A private Redis, so that nothing else counts in its stats.
+    let own = portcullis::demo::RedisInstance::start(None, None).unwrap();
+    let p = redis_proxy_for(&own, "", "").await;
+    let mut admin = RawRedis::direct_to(own.port, "portcullis", &own.password).await;
+    let stats_before = String::from_utf8(admin.call(&["INFO", "commandstats"]).await).unwrap();
+    let mut proxied = RawRedis::proxy(p.redis_port()).await;
+    let clients_before = admin.call(&["CLIENT", "LIST"]).await;
+    let mut direct = RawRedis::direct().await;
+    let cases: &[&[&str]] = &[
+        &["GET", "k"],
+        &["SET", "k", "v"],
+        &["FLUSHALL"],
+        &["CONFIG", "GET", "*"],
+        &["PING"],
+        &["HELLO"],
+        &["HELLO", "3"],
+        &["HELLO", "3", "SETNAME", "x"],
+        &["HELLO", "4"],
+        &["HELLO", "x"],
+        &["AUTH", "nobody", "wrong"],
+        &["AUTH", "wrong"],
+        &["AUTH"],
+        &["AUTH", "a", "b", "c"],
+        &["CLIENT", "SETNAME", "x"],
+    ];
+    for args in cases {
+        let want = direct.call(args).await;
+        let got = proxied.call(args).await;
+        assert_eq!(String::from_utf8_lossy(&got), String::from_utf8_lossy(&want), "{args:?}");
+    }
+    // RESET is answered before authentication too.
+    assert_eq!(proxied.call(&["RESET"]).await, direct.call(&["RESET"]).await);
+    // The upstream saw none of it: no new client, no command counted (our own INFO aside).
+    let clients_after = admin.call(&["CLIENT", "LIST"]).await;
+    // (the proxy's health probe may be connected for an instant: it never logs in)
+    let count = |b: &[u8]| String::from_utf8_lossy(b).matches("user=portcullis").count();
+    assert_eq!(count(&clients_after), count(&clients_before), "{}", String::from_utf8_lossy(&clients_after));
+    assert_eq!(count(&clients_after), 1, "only the admin connection is logged in");
+    let stats_after = String::from_utf8(admin.call(&["INFO", "commandstats"]).await).unwrap();
+    for cmd in ["cmdstat_get:", "cmdstat_set:", "cmdstat_flushall:", "cmdstat_config|get:"] {
+        let count = |s: &str| s.lines().find(|l| l.starts_with(cmd)).map(str::to_string);
+        assert_eq!(count(&stats_before), count(&stats_after), "{cmd} reached Redis");
+    }
+    // QUIT before auth: +OK and close.
+    assert_eq!(proxied.call(&["QUIT"]).await, b"+OK\r\n");
+    assert!(proxied.closed().await);
+}
+
+#[tokio::test]
+async fn auth_then_commands_run_as_the_proxy_user() {
+    let p = redis_proxy("", "").await;
+    let mut c = RawRedis::proxy(p.redis_port()).await;
+    assert_eq!(c.call(&["AUTH", "app", REDIS_APP_PW]).await, b"+OK\r\n");
+    assert_eq!(c.call(&["SET", "auth-test:k", "v"]).await, b"+OK\r\n");
+    assert_eq!(c.call(&["GET", "auth-test:k"]).await, b"$1\r\nv\r\n");
+    // Upstream sees the proxy's ACL user, never the client's.
+    assert_eq!(c.call(&["ACL", "WHOAMI"]).await, b"$10\r\nportcullis\r\n");
+    // AUTH default-user form with a wrong password: WRONGPASS, session unchanged
+    assert_eq!(c.call(&["AUTH", "nope"]).await, b"-WRONGPASS invalid username-password pair or user is disabled.\r\n");
+    assert_eq!(c.call(&["GET", "auth-test:k"]).await, b"$1\r\nv\r\n");
+}
+
+#[tokio::test]
+async fn hello_3_auth_setname_and_reset() {
+    let p = redis_proxy("", "").await;
+    let mut c = RawRedis::proxy(p.redis_port()).await;
+    c.send(&["HELLO", "3", "AUTH", "app", REDIS_APP_PW, "SETNAME", "hello-client"]).await;
+    let hello = c.read(true).await;
+    assert!(hello.starts_with(b"%"), "RESP3 map: {}", String::from_utf8_lossy(&hello));
+    assert!(hello.windows(5).any(|w| w == b":3\r\n$" || w == b"proto"));
+    c.send(&["CLIENT", "GETNAME"]).await;
+    assert_eq!(c.read(true).await, b"$12\r\nhello-client\r\n");
+    // RESP3 null for a missing key
+    c.send(&["GET", "no-such-key-xyz"]).await;
+    assert_eq!(c.read(true).await, b"_\r\n");
+    c.send(&["RESET"]).await;
+    assert_eq!(c.read(true).await, b"+RESET\r\n");
+    // back to unauthenticated, RESP2
+    assert_eq!(c.call(&["GET", "x"]).await, b"-NOAUTH Authentication required.\r\n");
+    assert_eq!(c.call(&["AUTH", "app", REDIS_APP_PW]).await, b"+OK\r\n");
+    assert_eq!(c.call(&["GET", "no-such-key-xyz"]).await, b"$-1\r\n");
+}
+
+#[tokio::test]
+async fn reauth_switches_user_and_policy() {
+    let p = redis_proxy("", "").await;
+    let mut c = RawRedis::proxy(p.redis_port()).await;
+    assert_eq!(c.call(&["AUTH", "app", REDIS_APP_PW]).await, b"+OK\r\n");
+    let denied = b"-NOPERM this user has no permissions to run the 'config|get' command\r\n";
+    assert_eq!(c.call(&["CONFIG", "GET", "maxmemory"]).await, denied);
+    assert_eq!(c.call(&["AUTH", "admin", REDIS_ADMIN_PW]).await, b"+OK\r\n");
+    assert!(c.call(&["CONFIG", "GET", "maxmemory"]).await.starts_with(b"*2\r\n"));
+    assert_eq!(c.call(&["AUTH", "app", REDIS_APP_PW]).await, b"+OK\r\n");
+    assert_eq!(c.call(&["CONFIG", "GET", "maxmemory"]).await, denied);
+}
+
+#[tokio::test]
+async fn wrong_passwords_lead_to_lockout() {
+    let p = redis_proxy("[lockout]\nmax_failures = 3\nwindow = \"1m\"\nban = \"1m\"\n", "").await;
+    let mut c = RawRedis::proxy(p.redis_port()).await;
+    for _ in 0..3 {
+        assert_eq!(
+            c.call(&["AUTH", "app", "bad"]).await,
+            b"-WRONGPASS invalid username-password pair or user is disabled.\r\n"
+        );
+    }
+    assert_eq!(c.call(&["AUTH", "app", REDIS_APP_PW]).await, b"-ERR too many failed authentication attempts\r\n");
+    let mut other = RawRedis::proxy(p.redis_port()).await;
+    assert_eq!(other.call(&["AUTH", "app", REDIS_APP_PW]).await, b"-ERR too many failed authentication attempts\r\n");
+    assert!(p.metrics().contains("portcullis_lockouts_total 1"));
+}
+
+#[tokio::test]
+async fn client_certificate_identity_needs_no_auth() {
+    let p = redis_proxy("", "").await;
+    let mut c = RawRedis::proxy_with_cert(p.redis_port()).await;
+    assert_eq!(c.call(&["PING"]).await, b"+PONG\r\n");
+    assert_eq!(c.call(&["FLUSHALL"]).await, b"-NOPERM this user has no permissions to run the 'flushall' command\r\n");
+    // without a certificate: NOAUTH
+    let mut n = RawRedis::proxy(p.redis_port()).await;
+    assert_eq!(n.call(&["PING"]).await, b"-NOAUTH Authentication required.\r\n");
+}
+
+#[tokio::test]
+async fn upstream_down_is_reported_without_its_address() {
+    let dead = portcullis::demo::free_port().unwrap();
+    let p = redis_proxy("", &format!("upstream = \"127.0.0.1:{dead}\"")).await;
+    let mut c = RawRedis::proxy(p.redis_port()).await;
+    assert_eq!(c.call(&["AUTH", "app", REDIS_APP_PW]).await, b"-ERR upstream unavailable\r\n");
+    assert!(p.metrics().contains(r#"portcullis_upstream_up{listener="cache"} 0"#), "{}", p.metrics());
+}
