@@ -325,8 +325,8 @@ impl Drop for RedisInstance {
     }
 }
 
-/// `portcullis demo`: a private PostgreSQL, dev certificates and users, the proxy in front on
-/// the dev config's ports; prints a ready-to-paste psql line; Ctrl-C cleans up.
+/// `portcullis demo`: a private PostgreSQL and Redis, dev certificates and users, the proxy in
+/// front on the dev config's ports; prints ready-to-paste psql / redis-cli lines; Ctrl-C cleans up.
 pub async fn run_demo(config_path: &Path) -> Result<(), String> {
     let certs = Path::new("certs-dev");
     if !certs.join("server.crt").exists() {
@@ -337,7 +337,13 @@ pub async fn run_demo(config_path: &Path) -> Result<(), String> {
         .await
         .map_err(|e| e.to_string())?
         .map_err(|e| e.to_string())?;
+    let redis = tokio::task::spawn_blocking(|| RedisInstance::start(None, None))
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| e.to_string())?;
     let work = tempfile::Builder::new().prefix("portcullis-demo-").tempdir().map_err(|e| e.to_string())?;
+    let redis_pw = work.path().join("redis-upstream.pass");
+    std::fs::write(&redis_pw, &redis.password).map_err(|e| e.to_string())?;
     let runtime_pw = work.path().join("pg-runtime.pass");
     std::fs::write(&runtime_pw, &pg.runtime_password).map_err(|e| e.to_string())?;
     let app_password = "app-dev-password";
@@ -345,8 +351,9 @@ pub async fn run_demo(config_path: &Path) -> Result<(), String> {
     std::fs::write(
         &users,
         format!(
-            "[[users]]\nname = \"app\"\npostgres_scram = \"{}\"\ncert_subjects = [\"CN=app\"]\n",
-            postgres_protocol::password::scram_sha_256(app_password.as_bytes())
+            "[[users]]\nname = \"app\"\npostgres_scram = \"{}\"\nredis_argon2 = \"{}\"\ncert_subjects = [\"CN=app\"]\n",
+            postgres_protocol::password::scram_sha_256(app_password.as_bytes()),
+            crate::auth::argon::hash(app_password.as_bytes())?
         ),
     )
     .map_err(|e| e.to_string())?;
@@ -355,6 +362,12 @@ pub async fn run_demo(config_path: &Path) -> Result<(), String> {
         p.upstream = format!("127.0.0.1:{}", pg.port);
         p.upstream_password = Some(crate::config::SecretRef::File(runtime_pw.clone()));
         p.users_file = Some(users.clone());
+    }
+    for r in &mut cfg.redis {
+        r.upstream = format!("127.0.0.1:{}", redis.port);
+        r.upstream_user = Some("portcullis".into());
+        r.upstream_password = Some(crate::config::SecretRef::File(redis_pw.clone()));
+        r.users_file = users.clone();
     }
     let running = crate::app::Running::start(cfg).await.map_err(|e| e.to_string())?;
     let (_, addr) = running.postgres_addrs.first().cloned().ok_or("no postgres listener")?;
@@ -372,11 +385,19 @@ pub async fn run_demo(config_path: &Path) -> Result<(), String> {
         "  PGSSLROOTCERT=certs-dev/ca.crt psql \"host=localhost port={} user=postgres dbname=app sslmode=verify-full\"\n",
         addr.port()
     );
+    if let Some((_, raddr)) = running.redis_addrs.first() {
+        println!("Redis through the proxy (TLS, local AUTH, dangerous commands denied):\n");
+        println!(
+            "  redis-cli --tls --cacert certs-dev/ca.crt -h localhost -p {} --user app --pass {app_password} --no-auth-warning PING\n",
+            raddr.port()
+        );
+    }
     println!("Ctrl-C stops everything.");
     let _ = tokio::signal::ctrl_c().await;
     running.drain().await;
     drop(pg);
+    drop(redis);
     drop(work);
-    println!("stopped; private PostgreSQL removed");
+    println!("stopped; private PostgreSQL and Redis removed");
     Ok(())
 }

@@ -332,9 +332,9 @@ fn demo_prints_a_working_psql_line_and_cleans_up_on_ctrl_c() {
         .spawn()
         .unwrap();
     let mut lines = std::io::BufReader::new(child.stdout.take().unwrap()).lines();
-    let (mut psql_line, mut pg_port) = (None, None);
+    let (mut psql_line, mut pg_port, mut redis_line) = (None, None, None);
     let t = Instant::now();
-    while psql_line.is_none() {
+    while psql_line.is_none() || redis_line.is_none() {
         assert!(t.elapsed() < Duration::from_secs(60), "demo did not come up");
         let line = lines.next().expect("demo output").unwrap();
         if let Some(rest) = line.split("PostgreSQL 15 on 127.0.0.1:").nth(1) {
@@ -342,6 +342,9 @@ fn demo_prints_a_working_psql_line_and_cleans_up_on_ctrl_c() {
         }
         if line.contains("channel_binding=require") {
             psql_line = Some(line.trim().to_string());
+        }
+        if line.contains("redis-cli --tls") {
+            redis_line = Some(line.trim().to_string());
         }
     }
     assert!(cwd.path().join("certs-dev/ca.crt").exists(), "dev certificates generated");
@@ -353,10 +356,114 @@ fn demo_prints_a_working_psql_line_and_cleans_up_on_ctrl_c() {
         .unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "app_runtime");
+    let out = Command::new("sh").arg("-c").arg(redis_line.unwrap()).current_dir(cwd.path()).output().unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "PONG", "{}", String::from_utf8_lossy(&out.stderr));
     signal(&child, "-INT");
     let rest: Vec<String> = lines.map_while(Result::ok).collect();
     assert!(child.wait().unwrap().success());
-    assert!(rest.iter().any(|l| l.contains("private PostgreSQL removed")), "{rest:?}");
+    assert!(rest.iter().any(|l| l.contains("private PostgreSQL and Redis removed")), "{rest:?}");
     let port: u16 = pg_port.expect("demo names its PostgreSQL port").parse().unwrap();
     assert!(std::net::TcpStream::connect(("127.0.0.1", port)).is_err(), "private PostgreSQL stopped");
+}
+
+#[test]
+fn redis_cli_and_redis_benchmark_through_the_binary_without_leaking_secrets() {
+    let r = redis();
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().display().to_string();
+    let c = certs().display().to_string();
+    let port = portcullis::demo::free_port().unwrap();
+    let admin = portcullis::demo::free_port().unwrap();
+    std::fs::write(dir.path().join("redis.pass"), &r.password).unwrap();
+    let app_pw = "cli-app-secret-91ab";
+    let keys_pw = "cli-keys-secret-02cd";
+    std::fs::write(
+        dir.path().join("users.toml"),
+        format!(
+            "[[users]]\nname = \"app\"\nredis_argon2 = \"{}\"\n\n[[users]]\nname = \"keys\"\nredis_argon2 = \"{}\"\nredis_rules = \"+@all -@dangerous ~app:*\"\n",
+            portcullis::auth::argon::hash(app_pw.as_bytes()).unwrap(),
+            portcullis::auth::argon::hash(keys_pw.as_bytes()).unwrap()
+        ),
+    )
+    .unwrap();
+    std::fs::write(
+        dir.path().join("p.toml"),
+        format!(
+            "[admin]\nlisten = \"127.0.0.1:{admin}\"\n[tls]\ncert = \"{c}/server.crt\"\nkey = \"{c}/server.key\"\n[lockout]\nmax_failures = 100\n\
+             [[redis]]\nname = \"cache\"\nlisten = \"127.0.0.1:{port}\"\nupstream = \"127.0.0.1:{}\"\nusers_file = \"{d}/users.toml\"\n\
+             upstream_user = \"portcullis\"\nupstream_password_file = \"{d}/redis.pass\"\n",
+            r.port
+        ),
+    )
+    .unwrap();
+    let mut child = Command::new(BIN)
+        .args(["run", "--config"])
+        .arg(dir.path().join("p.toml"))
+        .env("PORTCULLIS_LOG", "debug")
+        .stdout(std::fs::File::create(dir.path().join("audit.log")).unwrap())
+        .stderr(std::fs::File::create(dir.path().join("stderr.log")).unwrap())
+        .spawn()
+        .unwrap();
+    let t = Instant::now();
+    while std::net::TcpStream::connect(("127.0.0.1", admin)).is_err() {
+        assert!(t.elapsed() < Duration::from_secs(10), "binary did not start");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let cli = |user: &str, pw: &str, args: &[&str]| {
+        let out = Command::new("redis-cli")
+            .args(["--tls", "--cacert", &format!("{c}/ca.crt"), "-h", "localhost", "-p", &port.to_string()])
+            .args(["--user", user, "--pass", pw, "--no-auth-warning"])
+            .args(args)
+            .output()
+            .expect("redis-cli runs");
+        format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
+    };
+    assert_eq!(cli("app", app_pw, &["PING"]).trim(), "PONG");
+    assert_eq!(cli("app", app_pw, &["SET", "app:cli", "secret-value-5d5d"]).trim(), "OK");
+    assert_eq!(cli("app", app_pw, &["GET", "app:cli"]).trim(), "secret-value-5d5d");
+    assert!(
+        cli("app", app_pw, &["FLUSHALL"]).contains("NOPERM this user has no permissions to run the 'flushall' command")
+    );
+    assert!(cli("app", "wrong-pw-7777", &["PING"]).contains("WRONGPASS"));
+    assert!(
+        cli("keys", keys_pw, &["GET", "private:thing"])
+            .contains("NOPERM this user has no permissions to access one of the keys")
+    );
+    // plaintext redis-cli is told to use TLS
+    let out = Command::new("redis-cli").args(["-h", "127.0.0.1", "-p", &port.to_string(), "PING"]).output().unwrap();
+    assert!(String::from_utf8_lossy(&out.stdout).contains("TLS is required by this server"), "{out:?}");
+    // redis-benchmark over TLS: completes, no errors
+    let out = Command::new("redis-benchmark")
+        .args(["--tls", "--cacert", &format!("{c}/ca.crt"), "-h", "localhost", "-p", &port.to_string()])
+        .args(["--user", "app", "-a", app_pw, "-t", "set,get,incr,lpush", "-n", "2000", "-c", "10", "-P", "4", "-q"])
+        .output()
+        .expect("redis-benchmark runs");
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "{text}");
+    for t in ["SET:", "GET:", "INCR:", "LPUSH:"] {
+        assert!(text.contains(t), "{t} in {text}");
+    }
+    // (redis-benchmark warns that it could not read CONFIG: denied by policy, as for a Redis ACL user)
+    assert!(!text.contains("ERR") && !text.contains("NOPERM") && !text.contains("Error"), "{text}");
+
+    signal(&child, "-TERM");
+    let t = Instant::now();
+    while child.try_wait().unwrap().is_none() {
+        assert!(t.elapsed() < Duration::from_secs(10), "exits after SIGTERM");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let audit = std::fs::read_to_string(dir.path().join("audit.log")).unwrap();
+    let logs = std::fs::read_to_string(dir.path().join("stderr.log")).unwrap();
+    for secret in [app_pw, keys_pw, "wrong-pw-7777", "secret-value-5d5d", "private:thing", r.password.as_str()] {
+        assert!(!audit.contains(secret), "audit leaks {secret}");
+        assert!(!logs.contains(secret), "logs leak {secret}");
+    }
+    let events: Vec<serde_json::Value> = audit.lines().map(|l| serde_json::from_str(l).expect("JSON line")).collect();
+    assert!(events.iter().any(|e| e["event"] == "redis_denied" && e["command"] == "flushall" && e["user"] == "app"));
+    assert!(
+        events
+            .iter()
+            .any(|e| e["event"] == "redis_denied" && e["key"].as_str().is_some_and(|k| k.starts_with("hmac:")))
+    );
+    assert!(events.iter().any(|e| e["event"] == "auth_failed" && e["protocol"] == "redis"));
 }

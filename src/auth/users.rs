@@ -163,6 +163,13 @@ impl Users {
         counts.into_iter().max_by_key(|(i, n)| (*n, *i)).map_or(DEFAULT_ITERATIONS, |(i, _)| i)
     }
 
+    /// Every user, by name.
+    pub fn iter(&self) -> impl Iterator<Item = &User> {
+        let mut v: Vec<&User> = self.by_name.values().collect();
+        v.sort_by(|a, b| a.name.cmp(&b.name));
+        v.into_iter()
+    }
+
     /// Number of users (for logs).
     pub fn len(&self) -> usize {
         self.by_name.len()

@@ -51,13 +51,47 @@ fn upstream_is_local(upstream: &str) -> bool {
     host == "localhost" || host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback())
 }
 
+fn add(out: &mut Vec<Finding>, id: &'static str, severity: Severity, message: String) {
+    out.push(Finding { id, severity, message });
+}
+
+/// Findings about a runtime secret reference (missing, or readable by others).
+fn check_secret(out: &mut Vec<Finding>, listener: &str, secret: &Option<SecretRef>) {
+    use std::os::unix::fs::PermissionsExt;
+    match secret {
+        Some(SecretRef::File(f)) => match std::fs::metadata(f) {
+            Err(e) => add(
+                out,
+                "PC010",
+                Severity::Error,
+                format!("listener {listener:?}: upstream_password_file {}: {e}", f.display()),
+            ),
+            Ok(m) if m.permissions().mode() & 0o007 != 0 => add(
+                out,
+                "PC011",
+                Severity::Warning,
+                format!(
+                    "listener {listener:?}: upstream_password_file {} is readable by others (chmod 600)",
+                    f.display()
+                ),
+            ),
+            Ok(_) => {}
+        },
+        Some(SecretRef::Env(v)) if std::env::var_os(v).is_none() => {
+            add(out, "PC010", Severity::Error, format!("listener {listener:?}: upstream_password_env {v} is not set"))
+        }
+        _ => {}
+    }
+}
+
 /// Every finding for `cfg`, errors first.
 pub fn lint(cfg: &Config) -> Vec<Finding> {
     let mut out = Vec::new();
-    let mut add = |id, severity, message: String| out.push(Finding { id, severity, message });
+    let out = &mut out;
     let admin_ip = cfg.admin_listen.ip();
     if admin_ip.is_unspecified() {
         add(
+            out,
             "PC017",
             Severity::Warning,
             format!(
@@ -67,6 +101,7 @@ pub fn lint(cfg: &Config) -> Vec<Finding> {
         );
     } else if !loopback(&cfg.admin_listen) && !is_private(admin_ip) {
         add(
+            out,
             "PC003",
             Severity::Error,
             format!(
@@ -77,24 +112,31 @@ pub fn lint(cfg: &Config) -> Vec<Finding> {
     }
     if cfg.tls.min_version == TlsMinVersion::Tls12 {
         add(
+            out,
             "PC006",
             Severity::Warning,
             "[tls] min_version = \"1.2\": TLS 1.3 is the default; allow 1.2 only for legacy clients".into(),
         );
     }
     if let Err(e) = crate::net::tls::Served::load(&cfg.tls) {
-        add("PC015", Severity::Error, format!("[tls] does not load: {e}"));
+        add(out, "PC015", Severity::Error, format!("[tls] does not load: {e}"));
     }
     if cfg.lockout.max_failures == 0 {
-        add("PC012", Severity::Warning, "[lockout] max_failures = 0 disables the failed-login lockout".into());
+        add(out, "PC012", Severity::Warning, "[lockout] max_failures = 0 disables the failed-login lockout".into());
     }
     for p in &cfg.postgres {
         let n = &p.name;
         if p.tls == ListenerTls::Disabled {
             if loopback(&p.listen) {
-                add("PC002", Severity::Warning, format!("listener {n:?}: plaintext (tls = \"disabled\") on loopback"));
+                add(
+                    out,
+                    "PC002",
+                    Severity::Warning,
+                    format!("listener {n:?}: plaintext (tls = \"disabled\") on loopback"),
+                );
             } else {
                 add(
+                    out,
                     "PC001",
                     Severity::Error,
                     format!("listener {n:?}: plaintext on non-loopback address {}", p.listen),
@@ -103,6 +145,7 @@ pub fn lint(cfg: &Config) -> Vec<Finding> {
         }
         if p.deny_users.is_empty() {
             add(
+                out,
                 "PC004",
                 Severity::Error,
                 format!("listener {n:?}: deny_users is empty: list the bootstrap/superuser roles (e.g. \"postgres\")"),
@@ -110,6 +153,7 @@ pub fn lint(cfg: &Config) -> Vec<Finding> {
         }
         if !p.deny_superuser {
             add(
+                out,
                 "PC005",
                 Severity::Warning,
                 format!(
@@ -119,6 +163,7 @@ pub fn lint(cfg: &Config) -> Vec<Finding> {
         }
         if p.allow.is_empty() && !loopback(&p.listen) {
             add(
+                out,
                 "PC007",
                 Severity::Warning,
                 format!("listener {n:?}: no allow-list on a non-loopback address: any source may connect"),
@@ -126,6 +171,7 @@ pub fn lint(cfg: &Config) -> Vec<Finding> {
         }
         if p.upstream_tls.is_none() && !upstream_is_local(&p.upstream) {
             add(
+                out,
                 "PC008",
                 Severity::Warning,
                 format!("listener {n:?}: upstream {} is not loopback and upstream_tls is not set", p.upstream),
@@ -133,6 +179,7 @@ pub fn lint(cfg: &Config) -> Vec<Finding> {
         }
         if p.auth == PgAuthMode::Passthrough {
             add(
+                out,
                 "PC009",
                 Severity::Warning,
                 format!("listener {n:?}: auth = \"passthrough\": unauthenticated clients reach the upstream"),
@@ -142,6 +189,7 @@ pub fn lint(cfg: &Config) -> Vec<Finding> {
             && p.deny_users.iter().any(|d| d.eq_ignore_ascii_case(u))
         {
             add(
+                out,
                 "PC013",
                 Severity::Error,
                 format!(
@@ -149,34 +197,15 @@ pub fn lint(cfg: &Config) -> Vec<Finding> {
                 ),
             );
         }
-        if let Some(SecretRef::File(f)) = &p.upstream_password {
-            use std::os::unix::fs::PermissionsExt;
-            match std::fs::metadata(f) {
-                Err(e) => add(
-                    "PC010",
-                    Severity::Error,
-                    format!("listener {n:?}: upstream_password_file {}: {e}", f.display()),
-                ),
-                Ok(m) if m.permissions().mode() & 0o007 != 0 => add(
-                    "PC011",
-                    Severity::Warning,
-                    format!("listener {n:?}: upstream_password_file {} is readable by others (chmod 600)", f.display()),
-                ),
-                Ok(_) => {}
-            }
-        }
-        if let Some(SecretRef::Env(v)) = &p.upstream_password
-            && std::env::var_os(v).is_none()
-        {
-            add("PC010", Severity::Error, format!("listener {n:?}: upstream_password_env {v} is not set"));
-        }
+        check_secret(out, n, &p.upstream_password);
         if let Some(uf) = &p.users_file {
             match crate::auth::Users::load(uf) {
-                Err(e) => add("PC014", Severity::Error, format!("listener {n:?}: users file: {e}")),
+                Err(e) => add(out, "PC014", Severity::Error, format!("listener {n:?}: users file: {e}")),
                 Ok(users) => {
                     for d in &p.deny_users {
                         if let Some(u) = users.get(d).and_then(|u| u.upstream_user.as_ref()) {
                             add(
+                                out,
                                 "PC016",
                                 Severity::Warning,
                                 format!(
@@ -189,6 +218,132 @@ pub fn lint(cfg: &Config) -> Vec<Finding> {
             }
         }
     }
+    let table = crate::redis::command::CommandTable::builtin();
+    let dangerous_allowed = |rules: &crate::policy::AclRules| -> Vec<String> {
+        table
+            .all()
+            .into_iter()
+            .filter(|c| c.categories.iter().any(|x| x == "dangerous") && rules.allows_command(&c.acl_ref(None)))
+            .map(|c| c.name.clone())
+            .collect()
+    };
+    let name_list = |v: &[String]| {
+        let shown: Vec<&str> = v.iter().take(6).map(String::as_str).collect();
+        format!(
+            "{}{}",
+            shown.join(", "),
+            if v.len() > 6 { format!(" and {} more", v.len() - 6) } else { String::new() }
+        )
+    };
+    for r in &cfg.redis {
+        let n = &r.name;
+        if r.tls == ListenerTls::Disabled {
+            if loopback(&r.listen) {
+                add(
+                    out,
+                    "PC002",
+                    Severity::Warning,
+                    format!("listener {n:?}: plaintext (tls = \"disabled\") on loopback"),
+                );
+            } else {
+                add(
+                    out,
+                    "PC001",
+                    Severity::Error,
+                    format!("listener {n:?}: plaintext on non-loopback address {}", r.listen),
+                );
+            }
+        }
+        if r.allow.is_empty() && !loopback(&r.listen) {
+            add(
+                out,
+                "PC007",
+                Severity::Warning,
+                format!("listener {n:?}: no allow-list on a non-loopback address: any source may connect"),
+            );
+        }
+        if r.upstream_tls.is_none() && !upstream_is_local(&r.upstream) {
+            add(
+                out,
+                "PC008",
+                Severity::Warning,
+                format!("listener {n:?}: upstream {} is not loopback and upstream_tls is not set", r.upstream),
+            );
+        }
+        check_secret(out, n, &r.upstream_password);
+        if r.upstream_password.is_none() {
+            add(
+                out,
+                "PC018",
+                Severity::Warning,
+                format!("listener {n:?}: no upstream credentials: the upstream Redis accepts unauthenticated clients"),
+            );
+        }
+        let d = dangerous_allowed(&r.default_rules);
+        if !d.is_empty() {
+            add(
+                out,
+                "PC020",
+                Severity::Error,
+                format!("listener {n:?}: default_rules allow dangerous commands ({}): add -@dangerous", name_list(&d)),
+            );
+        }
+        match crate::auth::Users::load(&r.users_file) {
+            Err(e) => add(out, "PC014", Severity::Error, format!("listener {n:?}: users file: {e}")),
+            Ok(users) => {
+                for u in users.iter() {
+                    if let Some(rules) = &u.redis_rules {
+                        let d = dangerous_allowed(rules);
+                        if !d.is_empty() {
+                            add(
+                                out,
+                                "PC021",
+                                Severity::Warning,
+                                format!("user {:?}: redis_rules allow dangerous commands ({})", u.name, name_list(&d)),
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
     out.sort_by(|a, b| b.severity.cmp(&a.severity).then(a.id.cmp(b.id)));
-    out
+    std::mem::take(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lint_redis(rules_line: &str, user_rules: &str) -> Vec<Finding> {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path().display();
+        crate::certs::write_dev_pki(dir.path(), "app").unwrap();
+        std::fs::write(dir.path().join("users.toml"), format!("[[users]]\nname = \"u\"\n{user_rules}\n")).unwrap();
+        std::fs::write(dir.path().join("pw"), "x").unwrap();
+        std::fs::set_permissions(dir.path().join("pw"), std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+        let p = dir.path().join("c.toml");
+        std::fs::write(
+            &p,
+            format!(
+                "[tls]\ncert = \"{d}/server.crt\"\nkey = \"{d}/server.key\"\n[[redis]]\nname = \"r\"\nlisten = \"127.0.0.1:1\"\n\
+                 upstream = \"127.0.0.1:6379\"\nusers_file = \"{d}/users.toml\"\nupstream_password_file = \"{d}/pw\"\n{rules_line}\n"
+            ),
+        )
+        .unwrap();
+        lint(&crate::config::load(&p).unwrap())
+    }
+
+    #[test]
+    fn dangerous_redis_rules_are_findings() {
+        let clean = lint_redis("", "");
+        assert!(clean.is_empty(), "{clean:?}");
+        let f = lint_redis("default_rules = \"+@all\"", "");
+        assert!(
+            f.iter().any(|f| f.id == "PC020" && f.severity == Severity::Error && f.message.contains("acl|deluser")),
+            "{f:?}"
+        );
+        let f = lint_redis("", "redis_rules = \"+@all -@dangerous +flushall\"");
+        assert!(f.iter().any(|f| f.id == "PC021" && f.message.contains("flushall")), "{f:?}");
+    }
 }

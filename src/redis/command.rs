@@ -297,6 +297,20 @@ impl CommandTable {
         }
     }
 
+    /// Every command and subcommand.
+    pub fn all(&self) -> Vec<&CommandInfo> {
+        let mut out = Vec::new();
+        for c in self.commands.values() {
+            if c.subcommands.is_empty() {
+                out.push(c);
+            } else {
+                out.extend(c.subcommands.values());
+            }
+        }
+        out.sort_by(|a, b| a.name.cmp(&b.name));
+        out
+    }
+
     /// Number of top-level commands.
     pub fn len(&self) -> usize {
         self.commands.len()
