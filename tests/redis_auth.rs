@@ -41,6 +41,14 @@ async fn preauth_commands_get_redis_own_answers_and_never_reach_it() {
         &["AUTH"],
         &["AUTH", "a", "b", "c"],
         &["CLIENT", "SETNAME", "x"],
+        &["FOO", "bar", "baz"],
+        &["GET"],
+        &["CLIENT", "NOSUCH"],
+        &["RESET", "x"],
+        &["HELLO", "+3"],
+        &["HELLO", "03"],
+        &["HELLO", "3", "BOGUS"],
+        &["HELLO", "3", "SETNAME", "a b"],
     ];
     for args in cases {
         let want = direct.call(args).await;

@@ -176,9 +176,29 @@ impl AclRules {
         allowed
     }
 
-    /// The decision for a command and its keys.
+    /// True when nothing is denied: every command and every key (`+@all`, possibly after
+    /// other rules, with no later `-` rule, and no key patterns).
+    pub fn unrestricted(&self) -> bool {
+        let Some(last_all) = self.cmds.iter().rposition(|r| matches!(r, CmdRule::All(true))) else {
+            return false;
+        };
+        self.keys.is_none()
+            && self.cmds[last_all..].iter().all(|r| {
+                matches!(
+                    r,
+                    CmdRule::All(true)
+                        | CmdRule::Category(true, _)
+                        | CmdRule::Command(true, _)
+                        | CmdRule::Sub(true, ..)
+                )
+            })
+    }
+
+    /// The decision for a command and its keys. Scripts (`@scripting`: EVAL, FCALL, FUNCTION,
+    /// SCRIPT) run upstream as the proxy's own user, beyond the reach of these rules, so they
+    /// are allowed only to users whose rules restrict nothing.
     pub fn decide(&self, c: &CommandRef<'_>, keys: &Keys<'_>) -> Decision {
-        if !self.allows_command(c) {
+        if !self.allows_command(c) || (c.categories.iter().any(|x| x == "scripting") && !self.unrestricted()) {
             return Decision::Deny(Denial::Command(c.name.to_string()));
         }
         if let Some(patterns) = &self.keys {
@@ -247,6 +267,19 @@ mod tests {
         assert!(!r.allows_command(&c));
         // nothing allowed by default
         assert!(!AclRules::parse("").unwrap().allows_command(&cmd("get", &get)));
+    }
+
+    #[test]
+    fn scripts_only_for_unrestricted_users() {
+        let eval = cats(&["slow", "scripting"]);
+        let c = cmd("eval", &eval);
+        let none = Keys::Known(vec![]);
+        assert!(matches!(AclRules::parse("+@all").unwrap().decide(&c, &none), Decision::Allow(_)));
+        for rules in ["+@all -flushall", "+@all ~app:*", "+@all -@dangerous", "+@scripting +get", "-@all +@all -get"] {
+            let r = AclRules::parse(rules).unwrap();
+            assert_eq!(r.decide(&c, &none), Decision::Deny(Denial::Command("eval".into())), "{rules}");
+        }
+        assert!(AclRules::parse("-get +@all").unwrap().unrestricted());
     }
 
     #[test]

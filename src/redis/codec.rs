@@ -141,12 +141,18 @@ fn hex(c: u8) -> Option<u8> {
     (c as char).to_digit(16).map(|d| d as u8)
 }
 
-/// Redis's `sdssplitargs`: whitespace-separated, "double quotes" with escapes, 'single quotes'.
+/// C `isspace`: space, \t, \n, \v, \f, \r.
+fn c_isspace(c: u8) -> bool {
+    matches!(c, b' ' | b'\t' | b'\n' | 0x0b | 0x0c | b'\r')
+}
+
+/// Redis's `sdssplitargs`, byte for byte: leading blanks are C `isspace`, unquoted tokens end at
+/// space, \n, \r, \t or NUL, "double quotes" take escapes, 'single quotes' take \'.
 pub fn split_args(line: &[u8]) -> Option<Vec<Vec<u8>>> {
     let mut out = Vec::new();
     let mut i = 0;
     loop {
-        while i < line.len() && line[i].is_ascii_whitespace() {
+        while i < line.len() && c_isspace(line[i]) {
             i += 1;
         }
         if i >= line.len() {
@@ -179,7 +185,7 @@ pub fn split_args(line: &[u8]) -> Option<Vec<Vec<u8>>> {
                         c => c,
                     });
                 } else if line[i] == b'"' {
-                    if i + 1 < line.len() && !line[i + 1].is_ascii_whitespace() {
+                    if i + 1 < line.len() && !c_isspace(line[i + 1]) {
                         return None;
                     }
                     inq = false;
@@ -196,7 +202,7 @@ pub fn split_args(line: &[u8]) -> Option<Vec<Vec<u8>>> {
                     i += 1;
                     cur.push(b'\'');
                 } else if line[i] == b'\'' {
-                    if i + 1 < line.len() && !line[i + 1].is_ascii_whitespace() {
+                    if i + 1 < line.len() && !c_isspace(line[i + 1]) {
                         return None;
                     }
                     insq = false;
@@ -206,7 +212,7 @@ pub fn split_args(line: &[u8]) -> Option<Vec<Vec<u8>>> {
                     cur.push(line[i]);
                 }
             } else {
-                if i >= line.len() || line[i].is_ascii_whitespace() {
+                if i >= line.len() || matches!(line[i], b' ' | b'\n' | b'\r' | b'\t' | 0) {
                     break;
                 }
                 match line[i] {

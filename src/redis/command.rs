@@ -94,19 +94,27 @@ impl CommandInfo {
             return Keys::Known(out);
         }
         for spec in &self.key_specs {
+            if spec.flags.iter().any(|f| f.eq_ignore_ascii_case("not_key")) {
+                continue; // e.g. SPUBLISH's shard channel: not a key for ACL purposes
+            }
+            if spec.flags.iter().any(|f| f.eq_ignore_ascii_case("incomplete")) {
+                return Keys::Unresolvable; // e.g. MIGRATE: Redis itself needs command code to find them
+            }
             let start = match &spec.begin {
                 BeginSearch::Index(i) => *i,
                 BeginSearch::Keyword { keyword, startfrom } => {
-                    let found = if *startfrom >= 0 {
-                        (*startfrom..argc).find(|i| args[*i as usize].eq_ignore_ascii_case(keyword.as_bytes()))
+                    // Commands compare keywords C-string style (up to a NUL), so do we; a keyword
+                    // given twice is ambiguous (GEORADIUS uses the last STORE): unresolvable.
+                    let is_kw = |i: &i64| cstr_eq(&args[*i as usize], keyword.as_bytes());
+                    let hits: Vec<i64> = if *startfrom >= 0 {
+                        (*startfrom..argc).filter(is_kw).collect()
                     } else {
-                        (1..=(argc + startfrom))
-                            .rev()
-                            .find(|i| args[*i as usize].eq_ignore_ascii_case(keyword.as_bytes()))
+                        (1..=(argc + startfrom).max(0)).rev().filter(is_kw).collect()
                     };
-                    match found {
-                        Some(i) => i + 1,
-                        None => continue, // keyword absent: this spec has no keys in this call
+                    match hits.as_slice() {
+                        [] => continue, // keyword absent: this spec has no keys in this call
+                        [i] => i + 1,
+                        _ => return Keys::Unresolvable,
                     }
                 }
             };
@@ -155,6 +163,32 @@ impl CommandInfo {
         }
         Keys::Known(out)
     }
+}
+
+/// The bytes of an argument up to its first NUL (how Redis's C code reads options).
+pub fn cstr(a: &[u8]) -> &[u8] {
+    a.iter().position(|b| *b == 0).map_or(a, |n| &a[..n])
+}
+
+/// Case-insensitive comparison of an argument, read as a C string, with a keyword.
+pub fn cstr_eq(a: &[u8], keyword: &[u8]) -> bool {
+    cstr(a).eq_ignore_ascii_case(keyword)
+}
+
+/// An argument read as a C string, lowercased (options, subcommand names).
+pub fn cstr_lower(a: &[u8]) -> String {
+    String::from_utf8_lossy(cstr(a)).to_ascii_lowercase()
+}
+
+/// What a request names.
+#[derive(Debug, Clone, Copy)]
+pub enum Lookup<'a> {
+    /// A known command or subcommand.
+    Command(&'a CommandInfo),
+    /// A known container (CLIENT, CONFIG, ...) with an unknown or missing subcommand.
+    UnknownSubcommand(&'a CommandInfo),
+    /// Not a command.
+    Unknown,
 }
 
 /// All commands, by lowercase name.
@@ -284,16 +318,34 @@ impl CommandTable {
     }
 
     /// Resolves `args` (args[0] = name) to the command or, for containers, the subcommand.
-    pub fn lookup(&self, args: &[Bytes]) -> Option<&CommandInfo> {
-        let name = std::str::from_utf8(args.first()?).ok()?.to_ascii_lowercase();
-        let top = self.commands.get(&name)?;
-        if top.subcommands.is_empty() {
-            return Some(top);
+    /// Names with a NUL byte are never commands (Redis's hash-then-strcasecmp lookup could
+    /// otherwise alias them).
+    pub fn resolve(&self, args: &[Bytes]) -> Lookup<'_> {
+        let Some(first) = args.first() else { return Lookup::Unknown };
+        if first.contains(&0) {
+            return Lookup::Unknown;
         }
-        let sub = args.get(1).and_then(|s| std::str::from_utf8(s).ok()).map(|s| s.to_ascii_lowercase());
-        match sub.and_then(|s| top.subcommands.get(&s)) {
-            Some(s) => Some(s),
-            None => Some(top),
+        let Some(top) = self.commands.get(&String::from_utf8_lossy(first).to_ascii_lowercase()) else {
+            return Lookup::Unknown;
+        };
+        if top.subcommands.is_empty() {
+            return Lookup::Command(top);
+        }
+        match args.get(1) {
+            None => Lookup::Command(top), // arity decides: "wrong number of arguments for 'client'"
+            Some(sub) if sub.contains(&0) => Lookup::UnknownSubcommand(top),
+            Some(sub) => match top.subcommands.get(&String::from_utf8_lossy(sub).to_ascii_lowercase()) {
+                Some(s) => Lookup::Command(s),
+                None => Lookup::UnknownSubcommand(top),
+            },
+        }
+    }
+
+    /// The command or subcommand `args` names, if known.
+    pub fn lookup(&self, args: &[Bytes]) -> Option<&CommandInfo> {
+        match self.resolve(args) {
+            Lookup::Command(c) => Some(c),
+            _ => None,
         }
     }
 
@@ -371,5 +423,20 @@ mod tests {
         assert_eq!(k("RENAME a b"), Some(vec!["a".into(), "b".into()]));
         assert_eq!(k("PING"), Some(vec![]));
         assert_eq!(k("BLPOP a b 0"), Some(vec!["a".into(), "b".into()]));
+        assert_eq!(k("GEORADIUS k 0 0 1 km STORE a STORE b"), None, "ambiguous keyword");
+        assert_eq!(k("MIGRATE h 1 k 0 5"), None, "incomplete key spec");
+        assert_eq!(k("SPUBLISH chan msg"), Some(vec![]), "not_key spec");
+        let a: Vec<Bytes> = vec![
+            Bytes::from_static(b"XREAD"),
+            Bytes::from_static(b"STREAMS\0x"),
+            Bytes::from_static(b"secret"),
+            Bytes::from_static(b"0"),
+        ];
+        match t.lookup(&a).unwrap().keys(&a) {
+            Keys::Known(k) => assert_eq!(k, vec![&b"secret"[..]], "keywords compare as C strings"),
+            Keys::Unresolvable => panic!("resolvable"),
+        }
+        assert!(matches!(t.resolve(&args("CLIENT nosuch")), Lookup::UnknownSubcommand(_)));
+        assert!(matches!(t.resolve(&[Bytes::from_static(b"GET\0x")]), Lookup::Unknown));
     }
 }

@@ -4,7 +4,9 @@
 
 pub mod codec;
 pub mod command;
+mod login;
 mod replies;
+mod route;
 pub mod session;
 
 use std::sync::{Arc, RwLock};

@@ -27,19 +27,43 @@ pub(super) enum Effect {
     Hello(u8),
     /// RESET: back to RESP2, no subscriptions.
     Reset,
+    /// The proxy's own AUTH upstream (re-authentication): an error reply means the session
+    /// can no longer be trusted to run as the new user (`auth_rejected`).
+    AuthCheck,
 }
 
 /// What one request expects back.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(super) enum Slot {
-    /// `n` upstream replies go to the client.
-    Forward { n: u32, effect: Effect },
+    /// `n` upstream replies; `visible`: they go to the client (else they are dropped: the
+    /// proxy's own commands, or CLIENT REPLY OFF/SKIP); `sub`: a (P|S)(UN)SUBSCRIBE request,
+    /// whose replies update the subscription state.
+    Forward { n: u32, effect: Effect, visible: bool, sub: bool },
     /// Argument-less (P|S)UNSUBSCRIBE: one reply per subscription at that point, at least one.
-    UnsubAll(SubKind),
+    UnsubAll { kind: SubKind, visible: bool },
     /// A reply the proxy makes.
     Local(Bytes),
-    /// `n` upstream replies the client must not see (the proxy's own commands).
-    Swallow(u32),
+}
+
+impl Slot {
+    /// `n` replies for the client.
+    pub(super) fn forward(n: u32) -> Slot {
+        Slot::Forward { n, effect: Effect::None, visible: true, sub: false }
+    }
+
+    /// `n` replies the client must not see.
+    pub(super) fn swallow(n: u32) -> Slot {
+        Slot::Forward { n, effect: Effect::None, visible: false, sub: false }
+    }
+
+    /// The same slot, hidden from the client (CLIENT REPLY OFF/SKIP); None for local replies.
+    pub(super) fn hidden(self) -> Option<Slot> {
+        match self {
+            Slot::Forward { n, effect, sub, .. } => Some(Slot::Forward { n, effect, visible: false, sub }),
+            Slot::UnsubAll { kind, .. } => Some(Slot::UnsubAll { kind, visible: false }),
+            Slot::Local(_) => None,
+        }
+    }
 }
 
 /// A piece of output for the client.
@@ -60,6 +84,8 @@ pub(super) struct Replies {
     channels: HashSet<Vec<u8>>,
     patterns: HashSet<Vec<u8>>,
     shard: HashSet<Vec<u8>>,
+    /// Set when an `AuthCheck` reply was an error; the session reads and clears it.
+    pub(super) auth_rejected: bool,
 }
 
 fn is_message(kind: &str) -> bool {
@@ -106,7 +132,7 @@ fn sub_reply_parts(frame: &[u8], resp3: bool) -> Option<(String, Option<Vec<u8>>
 impl Replies {
     /// Adds a request's slot.
     pub(super) fn push(&mut self, slot: Slot) {
-        if let Slot::Forward { n: 0, .. } | Slot::Swallow(0) = slot {
+        if let Slot::Forward { n: 0, .. } = slot {
             return;
         }
         self.queue.push_back(slot);
@@ -157,8 +183,11 @@ impl Replies {
             let Some((len, kind)) = frame_reply(&buf[pos..], resp3)? else { break };
             let frame = pos..pos + len;
             pos += len;
-            let sub_kind = match &kind {
-                ReplyKind::Push(k) if !is_sub_reply(k) => {
+            let front_is_sub =
+                matches!(self.queue.front(), Some(Slot::Forward { sub: true, .. }) | Some(Slot::UnsubAll { .. }));
+            match &kind {
+                // Pushes that answer no request: messages, invalidations, ...
+                ReplyKind::Push(k) if !(front_is_sub && is_sub_reply(k)) => {
                     out.push(Out::Upstream(frame));
                     continue;
                 }
@@ -166,28 +195,32 @@ impl Replies {
                     out.push(Out::Upstream(frame));
                     continue;
                 }
-                ReplyKind::Push(k) | ReplyKind::Array(k) if is_sub_reply(k) => Some(k.clone()),
-                _ => None,
-            };
+                _ => {}
+            }
             self.drain_locals(out);
-            if let Some(Slot::UnsubAll(k)) = self.queue.front() {
+            if let Some(Slot::UnsubAll { kind: k, visible }) = self.queue.front() {
                 let n = match k {
                     SubKind::Channel => self.channels.len(),
                     SubKind::Pattern => self.patterns.len(),
                     SubKind::Shard => self.shard.len(),
                 };
-                self.queue[0] = Slot::Forward { n: n.max(1) as u32, effect: Effect::None };
+                self.queue[0] =
+                    Slot::Forward { n: n.max(1) as u32, effect: Effect::None, visible: *visible, sub: true };
             }
-            if sub_kind.is_some()
+            let is_error = kind == ReplyKind::Error;
+            if front_is_sub
+                && !is_error
                 && let Some((k, ch)) = sub_reply_parts(&buf[frame.clone()], resp3)
             {
                 self.track(&k, ch);
             }
-            let is_error = kind == ReplyKind::Error;
             match self.queue.front_mut() {
-                Some(Slot::Forward { n, effect }) => {
-                    out.push(Out::Upstream(frame));
-                    *n -= 1;
+                Some(Slot::Forward { n, effect, visible, sub }) => {
+                    if *visible {
+                        out.push(Out::Upstream(frame));
+                    }
+                    // A refused SUBSCRIBE answers once, whatever the number of channels.
+                    *n = if *sub && is_error { 0 } else { *n - 1 };
                     if *n == 0 {
                         match *effect {
                             Effect::Hello(v) if !is_error => self.resp3 = v == 3,
@@ -197,18 +230,13 @@ impl Replies {
                                 self.patterns.clear();
                                 self.shard.clear();
                             }
+                            Effect::AuthCheck if is_error => self.auth_rejected = true,
                             _ => {}
                         }
                         self.queue.pop_front();
                     }
                 }
-                Some(Slot::Swallow(n)) => {
-                    *n -= 1;
-                    if *n == 0 {
-                        self.queue.pop_front();
-                    }
-                }
-                // Nothing expected (e.g. a reply after CLIENT REPLY ON raced): pass it on.
+                // Nothing expected: pass it on.
                 _ => out.push(Out::Upstream(frame)),
             }
         }
@@ -234,7 +262,11 @@ mod tests {
     }
 
     fn fwd(n: u32) -> Slot {
-        Slot::Forward { n, effect: Effect::None }
+        Slot::forward(n)
+    }
+
+    fn sub(n: u32) -> Slot {
+        Slot::Forward { n, effect: Effect::None, visible: true, sub: true }
     }
 
     #[test]
@@ -254,7 +286,7 @@ mod tests {
     #[test]
     fn swallowed_and_partial_replies() {
         let mut r = Replies::default();
-        r.push(Slot::Swallow(1));
+        r.push(Slot::swallow(1));
         r.push(Slot::Local(Bytes::from_static(b"-EXECABORT\r\n")));
         let mut out = Vec::new();
         let used = r.on_upstream(b"+OK\r\n$5\r\nhel", &mut out).unwrap();
@@ -265,11 +297,11 @@ mod tests {
     #[test]
     fn resp2_pubsub_messages_do_not_consume_slots() {
         let mut r = Replies::default();
-        r.push(fwd(2)); // SUBSCRIBE a b
+        r.push(sub(2)); // SUBSCRIBE a b
         let sub = b"*3\r\n$9\r\nsubscribe\r\n$1\r\na\r\n:1\r\n*3\r\n$9\r\nsubscribe\r\n$1\r\nb\r\n:2\r\n";
         assert_eq!(run(&mut r, sub).len(), 2);
         assert!(r.subscribed() && r.idle());
-        r.push(Slot::UnsubAll(SubKind::Channel));
+        r.push(Slot::UnsubAll { kind: SubKind::Channel, visible: true });
         r.push(Slot::Local(Bytes::from_static(b"-NOPERM y\r\n")));
         let msg = b"*3\r\n$7\r\nmessage\r\n$1\r\na\r\n$2\r\nhi\r\n";
         let unsub = b"*3\r\n$11\r\nunsubscribe\r\n$1\r\na\r\n:1\r\n*3\r\n$11\r\nunsubscribe\r\n$1\r\nb\r\n:0\r\n";
@@ -282,9 +314,30 @@ mod tests {
     }
 
     #[test]
+    fn data_that_looks_like_pubsub_is_just_data() {
+        let mut r = Replies::default();
+        // LRANGE of a list holding "subscribe", "x": not a subscription
+        r.push(fwd(1));
+        run(&mut r, b"*2\r\n$9\r\nsubscribe\r\n$1\r\nx\r\n");
+        assert!(!r.subscribed());
+        // a refused SUBSCRIBE a b answers once
+        r.push(sub(2));
+        r.push(Slot::Local(Bytes::from_static(b"-L\r\n")));
+        let got = run(&mut r, b"-NOPERM channels\r\n");
+        assert_eq!(got, vec![b"-NOPERM channels\r\n".to_vec(), b"-L\r\n".to_vec()]);
+        assert!(r.idle() && !r.subscribed());
+        // hidden replies (CLIENT REPLY OFF) still count, and an AuthCheck error is noticed
+        r.push(Slot::Forward { n: 1, effect: Effect::AuthCheck, visible: false, sub: false });
+        r.push(fwd(1));
+        let got = run(&mut r, b"-WRONGPASS x\r\n+OK\r\n");
+        assert_eq!(got, vec![b"+OK\r\n".to_vec()]);
+        assert!(r.auth_rejected);
+    }
+
+    #[test]
     fn resp3_pushes_and_hello_switch() {
         let mut r = Replies::default();
-        r.push(Slot::Forward { n: 1, effect: Effect::Hello(3) });
+        r.push(Slot::Forward { n: 1, effect: Effect::Hello(3), visible: true, sub: false });
         run(&mut r, b"%1\r\n$6\r\nserver\r\n$5\r\nredis\r\n");
         assert!(r.resp3);
         r.push(fwd(1));
@@ -294,11 +347,11 @@ mod tests {
         let got = run(&mut r, &input);
         assert_eq!(got.len(), 2);
         assert!(r.idle());
-        r.push(Slot::Forward { n: 1, effect: Effect::Reset });
+        r.push(Slot::Forward { n: 1, effect: Effect::Reset, visible: true, sub: false });
         run(&mut r, b"+RESET\r\n");
         assert!(!r.resp3);
         // a failed HELLO 3 does not switch
-        r.push(Slot::Forward { n: 1, effect: Effect::Hello(3) });
+        r.push(Slot::Forward { n: 1, effect: Effect::Hello(3), visible: true, sub: false });
         run(&mut r, b"-NOPROTO unsupported protocol version\r\n");
         assert!(!r.resp3);
     }

@@ -1,0 +1,355 @@
+//! Authentication on a Redis listener: `AUTH`, `HELLO … AUTH`, the certificate identity, and
+//! the upstream connection the proxy opens and logs in with its own credentials for that user.
+//! The client's credentials never go upstream.
+
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
+
+use super::codec::{self, frame_reply};
+use super::command::{CommandTable, cstr_lower};
+use super::replies::{Effect, Slot};
+use super::session::{Identity, Piece, Session, error_line};
+use crate::audit::Event;
+use crate::config::SecretRef;
+use crate::metrics::Protocol;
+use crate::net::stream::Stream;
+use crate::net::upstream::{UpstreamError, dial};
+
+const REDIS: Protocol = Protocol::Redis;
+pub(super) const WRONGPASS: &[u8] = b"-WRONGPASS invalid username-password pair or user is disabled.\r\n";
+const LOCKED_OUT: &[u8] = b"-ERR too many failed authentication attempts\r\n";
+const BUSY: &[u8] = b"-ERR authentication is busy, try again\r\n";
+pub(super) const UPSTREAM_DOWN: &[u8] = b"-ERR upstream unavailable\r\n";
+pub(super) const NOAUTH_HELLO: &[u8] = b"-NOAUTH HELLO must be called with the client already authenticated, otherwise the HELLO AUTH <user> <pass> option can be used to authenticate the client and select the RESP protocol version at the same time\r\n";
+pub(super) const OK: &[u8] = b"+OK\r\n";
+/// How long a password check may wait for a place in the Argon2 pool.
+const ARGON_QUEUE_WAIT: Duration = Duration::from_secs(5);
+
+/// Redis's `string2ll`: an optional '-', digits, no leading zeros, no '+', no spaces.
+fn strict_int(b: &[u8]) -> Option<i64> {
+    let digits = b.strip_prefix(b"-").unwrap_or(b);
+    let canonical = !digits.is_empty()
+        && digits.iter().all(u8::is_ascii_digit)
+        && (digits == b"0" || digits[0] != b'0')
+        && !(b.len() > 1 && b == b"-0");
+    if !canonical {
+        return None;
+    }
+    std::str::from_utf8(b).ok()?.parse().ok()
+}
+
+/// Redis's client-name rule: no spaces, newlines or other characters outside '!'..'~'.
+fn valid_client_name(n: &[u8]) -> bool {
+    n.iter().all(|c| (b'!'..=b'~').contains(c))
+}
+
+impl Session {
+    /// Verifies a password locally (never forwarded). Err is the reply line.
+    pub(super) async fn authenticate(&mut self, user: &[u8], password: &[u8]) -> Result<Identity, Bytes> {
+        let ip = self.peer.ip();
+        if self.shared.lockout.is_locked(ip) {
+            self.audit(Event::ConnRejected, "refused", Some("locked_out"));
+            return Err(Bytes::from_static(LOCKED_OUT));
+        }
+        let name = String::from_utf8_lossy(user).into_owned();
+        let users = self.l.users();
+        let found = users.get(&name).and_then(|u| u.redis_argon2.as_ref().map(|phc| (u, phc)));
+        let check = async {
+            match found {
+                Some((_, phc)) => self.l.argon.verify(&name, phc, password).await,
+                None => {
+                    self.l.argon.burn(password).await;
+                    false
+                }
+            }
+        };
+        let Ok(ok) = tokio::time::timeout(ARGON_QUEUE_WAIT, check).await else {
+            return Err(Bytes::from_static(BUSY));
+        };
+        match (ok, found) {
+            (true, Some((u, _))) => {
+                let id = self.identity_for(u);
+                self.shared.metrics.auth_attempt(&self.cfg.name, REDIS, "password", true);
+                let mut r = self.record(Event::AuthOk);
+                r.user = Some(&name);
+                r.outcome = Some("ok");
+                r.reason = Some("password");
+                r.emit();
+                Ok(id)
+            }
+            _ => {
+                self.shared.metrics.auth_attempt(&self.cfg.name, REDIS, "password", false);
+                if self.shared.lockout.record_failure(ip) {
+                    self.shared.metrics.lockout();
+                    self.audit(Event::Lockout, "locked_out", Some("too_many_failures"));
+                }
+                let mut r = self.record(Event::AuthFailed);
+                r.user = Some(&name);
+                r.outcome = Some("refused");
+                r.reason = Some("bad_credentials");
+                r.emit();
+                Err(Bytes::from_static(WRONGPASS))
+            }
+        }
+    }
+
+    /// The identity a users-file entry gives.
+    pub(super) fn identity_for(&self, u: &crate::auth::User) -> Identity {
+        Identity {
+            name: u.name.clone(),
+            rules: u.redis_rules.clone().unwrap_or_else(|| self.cfg.default_rules.clone()),
+            up_user: u.redis_upstream_user.clone().or_else(|| self.cfg.upstream_user.clone()),
+            up_pass: u.redis_upstream_password.clone().or_else(|| self.cfg.upstream_password.clone()),
+        }
+    }
+
+    /// Opens the upstream connection and logs in with `creds` (before any client traffic);
+    /// fetches the upstream's command table while the built-in one is in use.
+    pub(super) async fn connect_upstream(
+        &mut self,
+        creds: &(Option<String>, Option<SecretRef>),
+    ) -> Result<Stream, UpstreamError> {
+        let limit = self.shared.config().limits.upstream_connect_timeout;
+        let t = Instant::now();
+        let res = tokio::time::timeout(limit, async {
+            let tcp = dial(&self.cfg.upstream, limit).await?;
+            let mut io = match self.l.upstream_tls() {
+                Some(tls) => tls.connect(tcp).await?,
+                None => Stream::Plain(tcp),
+            };
+            let mut buf = BytesMut::new();
+            if let Some(cmd) = auth_command(creds).map_err(UpstreamError::Refused)? {
+                io.write_all(&cmd).await.map_err(UpstreamError::Connect)?;
+                io.flush().await.map_err(UpstreamError::Connect)?;
+                let reply = read_one_reply(&mut io, &mut buf).await?;
+                if reply.as_ref() != OK {
+                    return Err(UpstreamError::Refused(String::from_utf8_lossy(&reply).trim_end().to_string()));
+                }
+            }
+            if self.commands.fallback {
+                io.write_all(b"*1\r\n$7\r\nCOMMAND\r\n").await.map_err(UpstreamError::Connect)?;
+                io.flush().await.map_err(UpstreamError::Connect)?;
+                let reply = read_one_reply(&mut io, &mut buf).await?;
+                match CommandTable::from_reply(&reply) {
+                    Some(t) => {
+                        self.l.set_commands(t);
+                        self.commands = self.l.commands();
+                    }
+                    None => tracing::warn!("upstream COMMAND reply unusable; keeping the built-in command table"),
+                }
+            }
+            Ok(io)
+        })
+        .await
+        .unwrap_or(Err(UpstreamError::Timeout(limit)));
+        self.shared.metrics.upstream_connect(&self.cfg.name, t.elapsed().as_secs_f64(), res.is_ok());
+        if let Err(e) = &res {
+            tracing::warn!(error = %e, "upstream login failed");
+            self.audit(Event::ConnRejected, "error", Some("upstream_unavailable"));
+        }
+        res
+    }
+
+    /// Switches to `id`. A new upstream connection logs in directly; an open one is
+    /// re-authenticated in the stream, and if the upstream refuses, the session falls back to
+    /// unauthenticated (fail closed). `reply_to_client`: the AUTH's own +OK goes to the client.
+    pub(super) async fn become_user(
+        &mut self,
+        id: Identity,
+        up: &mut Option<Stream>,
+        pieces: &mut Vec<Piece>,
+        reply_to_client: bool,
+    ) -> bool {
+        let creds = id.upstream_creds();
+        if up.is_none() {
+            match self.connect_upstream(&creds).await {
+                Ok(io) => *up = Some(io),
+                Err(_) => {
+                    self.local(Bytes::from_static(UPSTREAM_DOWN));
+                    return false;
+                }
+            }
+            if reply_to_client {
+                self.local(Bytes::from_static(OK));
+            }
+        } else if self.upstream_creds.as_ref() == Some(&creds) {
+            if reply_to_client {
+                self.local(Bytes::from_static(OK));
+            }
+        } else {
+            match auth_command(&creds) {
+                Err(e) => {
+                    tracing::warn!(error = %e, "upstream credentials unreadable");
+                    self.local(Bytes::from_static(UPSTREAM_DOWN));
+                    return false;
+                }
+                Ok(None) => {
+                    // No credentials: the upstream has no auth; nothing to switch.
+                    if reply_to_client {
+                        self.local(Bytes::from_static(OK));
+                    }
+                }
+                Ok(Some(cmd)) => {
+                    pieces.push(Piece::Owned(cmd));
+                    self.expect(Slot::Forward {
+                        n: 1,
+                        effect: Effect::AuthCheck,
+                        visible: reply_to_client,
+                        sub: false,
+                    });
+                }
+            }
+        }
+        self.upstream_creds = Some(creds);
+        self.identity = Some(id);
+        self.ever_authenticated = true;
+        true
+    }
+
+    /// `AUTH [user] pass`.
+    pub(super) async fn handle_auth(&mut self, args: &[Bytes], up: &mut Option<Stream>, pieces: &mut Vec<Piece>) {
+        let (user, pass): (&[u8], &[u8]) = match args.len() {
+            2 => (b"default", &args[1]),
+            3 => (&args[1], &args[2]),
+            1 => {
+                self.local(error_line("-ERR wrong number of arguments for 'auth' command"));
+                return;
+            }
+            _ => {
+                self.local(error_line("-ERR syntax error"));
+                return;
+            }
+        };
+        match self.authenticate(user, pass).await {
+            Ok(id) => {
+                self.become_user(id, up, pieces, true).await;
+            }
+            Err(reply) => self.local(reply),
+        }
+    }
+
+    /// `HELLO [protover [AUTH user pass] [SETNAME name]]`, options handled in order as Redis
+    /// 7.0 does; forwarded without its AUTH part.
+    pub(super) async fn handle_hello(&mut self, args: &[Bytes], up: &mut Option<Stream>, pieces: &mut Vec<Piece>) {
+        let mut ver: Option<u8> = None;
+        if args.len() >= 2 {
+            match strict_int(&args[1]) {
+                None => {
+                    self.local(error_line("-ERR Protocol version is not an integer or out of range"));
+                    return;
+                }
+                Some(v) if v != 2 && v != 3 => {
+                    self.local(error_line("-NOPROTO unsupported protocol version"));
+                    return;
+                }
+                Some(v) => ver = Some(v as u8),
+            }
+        }
+        let mut setname: Option<Bytes> = None;
+        let mut j = 2;
+        while j < args.len() {
+            let more = args.len() - 1 - j;
+            let opt = cstr_lower(&args[j]);
+            if opt == "auth" && more >= 2 {
+                match self.authenticate(&args[j + 1], &args[j + 2]).await {
+                    Ok(id) => {
+                        if !self.become_user(id, up, pieces, false).await {
+                            return;
+                        }
+                    }
+                    Err(reply) => {
+                        self.local(reply);
+                        return;
+                    }
+                }
+                j += 3;
+            } else if opt == "setname" && more >= 1 {
+                if !valid_client_name(&args[j + 1]) {
+                    self.local(error_line("-ERR Client names cannot contain spaces, newlines or special characters."));
+                    return;
+                }
+                setname = Some(args[j + 1].clone());
+                j += 2;
+            } else {
+                let shown = super::session::sanitize(&args[j]);
+                self.local(error_line(&format!("-ERR Syntax error in HELLO option '{shown}'")));
+                return;
+            }
+        }
+        if self.identity.is_none() {
+            self.local(Bytes::from_static(NOAUTH_HELLO));
+            return;
+        }
+        let mut cmd: Vec<&[u8]> = vec![b"HELLO"];
+        let v = ver.map(|v| v.to_string());
+        if let Some(v) = &v {
+            cmd.push(v.as_bytes());
+        }
+        if let Some(n) = &setname {
+            cmd.push(b"SETNAME");
+            cmd.push(n);
+        }
+        if up.is_none() {
+            // Certificate identity without a connection yet.
+            let creds = self.identity.as_ref().map(|i| i.upstream_creds()).unwrap_or_default();
+            match self.connect_upstream(&creds).await {
+                Ok(io) => {
+                    *up = Some(io);
+                    self.upstream_creds = Some(creds);
+                }
+                Err(_) => {
+                    self.local(Bytes::from_static(UPSTREAM_DOWN));
+                    return;
+                }
+            }
+        }
+        pieces.push(Piece::Owned(codec::encode_command(&cmd)));
+        let effect = ver.map_or(Effect::None, Effect::Hello);
+        self.expect(Slot::Forward { n: 1, effect, visible: true, sub: false });
+    }
+}
+
+/// The AUTH command for `creds` (None when there is no password to send).
+fn auth_command(creds: &(Option<String>, Option<SecretRef>)) -> Result<Option<Vec<u8>>, String> {
+    let Some(pw) = &creds.1 else { return Ok(None) };
+    let pw = pw.read()?;
+    Ok(Some(match &creds.0 {
+        Some(u) => codec::encode_command(&[b"AUTH", u.as_bytes(), pw.expose().as_bytes()]),
+        None => codec::encode_command(&[b"AUTH", pw.expose().as_bytes()]),
+    }))
+}
+
+/// Reads exactly one reply (RESP2) during the proxy's own login exchange.
+async fn read_one_reply<S: AsyncRead + Unpin>(io: &mut S, buf: &mut BytesMut) -> Result<Bytes, UpstreamError> {
+    loop {
+        if let Some((len, _)) = frame_reply(buf, false).map_err(UpstreamError::Protocol)? {
+            return Ok(buf.split_to(len).freeze());
+        }
+        buf.reserve(64 * 1024);
+        let n = tokio::time::timeout(Duration::from_secs(30), io.read_buf(buf))
+            .await
+            .map_err(|_| UpstreamError::Timeout(Duration::from_secs(30)))?
+            .map_err(UpstreamError::Connect)?;
+        if n == 0 {
+            return Err(UpstreamError::Protocol("upstream closed during login".into()));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn protover_parses_like_string2ll() {
+        assert_eq!(strict_int(b"3"), Some(3));
+        assert_eq!(strict_int(b"-1"), Some(-1));
+        for bad in [&b"+3"[..], b"03", b" 3", b"3 ", b"", b"-", b"-0", b"x"] {
+            assert_eq!(strict_int(bad), None, "{bad:?}");
+        }
+        assert!(valid_client_name(b"my-client_1"));
+        assert!(!valid_client_name(b"a b") && !valid_client_name(b"a\nb"));
+    }
+}

@@ -1,0 +1,371 @@
+//! What happens to each request of an authenticated (or not yet authenticated) Redis client:
+//! answered by the proxy, denied, rewritten, or forwarded as its original bytes — in the order
+//! Redis itself checks things (QUIT, unknown command, arity, authentication, ACL, MULTI).
+
+use bytes::{Bytes, BytesMut};
+
+use super::codec::{self, ArgRef, ProtocolError};
+use super::command::{Lookup, cstr_lower};
+use super::login::{OK, UPSTREAM_DOWN};
+use super::replies::{Effect, Slot, SubKind};
+use super::session::{Piece, ReplyMode, Session, error_line, sanitize};
+use crate::audit::Event;
+use crate::net::stream::Stream;
+use crate::policy::redis_acl::{Decision, Keys};
+
+const NOAUTH: &[u8] = b"-NOAUTH Authentication required.\r\n";
+const EXECABORT: &[u8] = b"-EXECABORT Transaction discarded because of previous errors.\r\n";
+/// Commands a client may send before authenticating (Redis has no such cap; its per-request
+/// unauthenticated caps apply too).
+const PREAUTH_MAX_COMMANDS: u32 = 32;
+/// Redis's default `client-query-buffer-limit`.
+pub(super) const QUERY_BUFFER_LIMIT: usize = 1024 * 1024 * 1024;
+
+/// The outcome of handling one read's worth of requests.
+pub(super) struct Batch {
+    /// The frozen bytes the requests were parsed from.
+    pub(super) bytes: Bytes,
+    /// What goes upstream, in order.
+    pub(super) pieces: Vec<Piece>,
+    /// A later request must be parsed again under the new authentication state.
+    pub(super) reparse: bool,
+}
+
+fn unknown_command(args: &[Bytes]) -> Bytes {
+    let mut list = String::new();
+    for a in args.iter().skip(1) {
+        if list.len() >= 128 {
+            break;
+        }
+        let room = 128 - list.len();
+        let s = sanitize(a);
+        let s: String = s.chars().take(room).collect();
+        list.push_str(&format!("'{s}' "));
+    }
+    let name: String = sanitize(&args[0]).chars().take(128).collect();
+    error_line(&format!("-ERR unknown command '{name}', with args beginning with: {list}"))
+}
+
+fn unknown_subcommand(args: &[Bytes]) -> Bytes {
+    let sub: String = sanitize(&args[1]).chars().take(128).collect();
+    let container = sanitize(&args[0]).to_ascii_uppercase();
+    error_line(&format!("-ERR unknown subcommand '{sub}'. Try {container} HELP."))
+}
+
+impl Session {
+    /// Queues a slot through the CLIENT REPLY emulation: with replies off (or skipped), the
+    /// upstream still answers and the proxy drops the answer; proxy-made replies are dropped.
+    pub(super) fn expect(&mut self, slot: Slot) {
+        match self.reply_mode {
+            ReplyMode::On => self.replies.push(slot),
+            ReplyMode::Off => {
+                if let Some(h) = slot.hidden() {
+                    self.replies.push(h);
+                }
+            }
+            ReplyMode::Skip => {
+                if let Some(h) = slot.hidden() {
+                    self.replies.push(h);
+                }
+                self.reply_mode = ReplyMode::On;
+            }
+        }
+    }
+
+    /// A reply the proxy makes, in its place.
+    pub(super) fn local(&mut self, b: impl Into<Bytes>) {
+        self.expect(Slot::Local(b.into()));
+    }
+
+    /// A local error for a request inside MULTI marks the transaction failed, as Redis does.
+    fn local_error(&mut self, b: Bytes) {
+        if self.in_multi {
+            self.multi_dirty = true;
+        }
+        self.local(b);
+    }
+
+    fn deny(&mut self, reply: Bytes, command: &str, key: Option<&[u8]>) {
+        self.shared.metrics.redis_command(&self.cfg.name, Some(command));
+        let key_text = key.map(|k| self.key_for_audit(k));
+        let mut r = self.record(Event::RedisDenied);
+        r.outcome = Some("denied");
+        r.command = Some(command);
+        r.key = key_text.as_deref();
+        r.emit();
+        self.local_error(reply);
+    }
+
+    fn key_for_audit(&self, k: &[u8]) -> String {
+        if !self.cfg.redact_keys {
+            return String::from_utf8_lossy(k).into_owned();
+        }
+        use hmac::{Hmac, KeyInit, Mac};
+        let mut m = <Hmac<sha2::Sha256> as KeyInit>::new_from_slice(&self.l.key_hash_secret).expect("any key length");
+        m.update(k);
+        let d = m.finalize().into_bytes();
+        format!("hmac:{}", d.iter().take(12).map(|b| format!("{b:02x}")).collect::<String>())
+    }
+
+    /// Before authentication: QUIT, unknown command, arity, then NOAUTH unless the command
+    /// may run unauthenticated (AUTH, HELLO, RESET). Nothing goes upstream.
+    async fn route_unauthenticated(&mut self, args: &[Bytes], up: &mut Option<Stream>, pieces: &mut Vec<Piece>) {
+        self.preauth_commands += 1;
+        if self.preauth_commands > PREAUTH_MAX_COMMANDS {
+            self.local(ProtocolError("too many commands before authentication".into()).reply());
+            self.quitting = true;
+            return;
+        }
+        if cstr_lower(&args[0]) == "quit" {
+            self.local(Bytes::from_static(OK));
+            self.quitting = true;
+            return;
+        }
+        let commands = self.commands.clone();
+        let info = match commands.resolve(args) {
+            Lookup::Command(i) => i,
+            Lookup::UnknownSubcommand(_) => return self.local(unknown_subcommand(args)),
+            Lookup::Unknown => return self.local(unknown_command(args)),
+        };
+        if !info.arity_ok(args.len()) {
+            return self.local(error_line(&format!("-ERR wrong number of arguments for '{}' command", info.name)));
+        }
+        match info.name.as_str() {
+            "auth" => self.handle_auth(args, up, pieces).await,
+            "hello" => self.handle_hello(args, up, pieces).await,
+            "reset" => self.local(Bytes::from_static(b"+RESET\r\n")),
+            _ => self.local(Bytes::from_static(NOAUTH)),
+        }
+    }
+
+    /// After authentication. Returns true when the request's own bytes go upstream.
+    async fn route_authenticated(&mut self, args: &[Bytes], up: &mut Option<Stream>, pieces: &mut Vec<Piece>) -> bool {
+        if cstr_lower(&args[0]) == "quit" {
+            // Redis 7.0 answers QUIT before looking it up: +OK after the pending replies, close.
+            self.local(Bytes::from_static(OK));
+            self.quitting = true;
+            return false;
+        }
+        let commands = self.commands.clone();
+        let info = match commands.resolve(args) {
+            Lookup::Command(i) => i,
+            Lookup::UnknownSubcommand(_) => {
+                self.local_error(unknown_subcommand(args));
+                return false;
+            }
+            Lookup::Unknown => {
+                self.local_error(unknown_command(args));
+                return false;
+            }
+        };
+        if !info.arity_ok(args.len()) {
+            self.local_error(error_line(&format!("-ERR wrong number of arguments for '{}' command", info.name)));
+            return false;
+        }
+        // Commands that may run unauthenticated are not subject to ACL rules (as in Redis).
+        match info.name.as_str() {
+            "auth" | "hello" if self.in_multi || self.replies.subscribed() => {
+                let name = info.name.clone();
+                let msg = if self.in_multi {
+                    format!("-ERR {} inside MULTI is not supported through this proxy", name.to_uppercase())
+                } else {
+                    format!(
+                        "-ERR Can't execute '{name}': only (P|S)SUBSCRIBE / (P|S)UNSUBSCRIBE / PING / QUIT / RESET are allowed in this context"
+                    )
+                };
+                self.local_error(error_line(&msg));
+                return false;
+            }
+            "auth" => {
+                self.handle_auth(args, up, pieces).await;
+                return false;
+            }
+            "hello" => {
+                self.handle_hello(args, up, pieces).await;
+                return false;
+            }
+            _ => {}
+        }
+        if up.is_none() {
+            // A certificate identity, or an upstream lost earlier: log in now.
+            let creds = self.identity.as_ref().map(|i| i.upstream_creds()).unwrap_or_default();
+            match self.connect_upstream(&creds).await {
+                Ok(io) => {
+                    *up = Some(io);
+                    self.upstream_creds = Some(creds);
+                }
+                Err(_) => {
+                    self.local_error(Bytes::from_static(UPSTREAM_DOWN));
+                    return false;
+                }
+            }
+        }
+        if info.name == "reset" {
+            // RESET turns replies back on and answers +RESET; the client is unauthenticated again.
+            self.reply_mode = ReplyMode::On;
+            self.expect(Slot::Forward { n: 1, effect: Effect::Reset, visible: true, sub: false });
+            self.identity = None;
+            self.upstream_creds = None;
+            self.in_multi = false;
+            self.multi_dirty = false;
+            self.preauth_commands = 0;
+            self.rearm_auth_deadline();
+            return true;
+        }
+        let Some(id) = self.identity.as_ref() else { return false };
+        if info.name == "monitor" {
+            // MONITOR would stream every client's commands (values included) to this one.
+            let reply = error_line("-NOPERM this user has no permissions to run the 'monitor' command");
+            self.deny(reply, "monitor", None);
+            return false;
+        }
+        let first_arg = if info.name.contains('|') { None } else { args.get(1).map(|a| cstr_lower(a)) };
+        let keys = if id.rules.restricts_keys() { info.keys(args) } else { Keys::Known(Vec::new()) };
+        let first_key = match &keys {
+            Keys::Known(k) => k.first().map(|k| k.to_vec()),
+            Keys::Unresolvable => None,
+        };
+        if let Decision::Deny(d) = id.rules.decide(&info.acl_ref(first_arg.as_deref()), &keys) {
+            let name = info.name.clone();
+            self.deny(error_line(&d.message()), &name, first_key.as_deref());
+            return false;
+        }
+        let argc = args.len() as u32;
+        match info.name.as_str() {
+            // A nested MULTI is an error upstream and leaves the transaction (and its dirt) as is.
+            "multi" if !self.in_multi => {
+                self.in_multi = true;
+                self.multi_dirty = false;
+            }
+            "exec" if self.in_multi && self.multi_dirty => {
+                self.in_multi = false;
+                self.multi_dirty = false;
+                pieces.push(Piece::Owned(b"*1\r\n$7\r\nDISCARD\r\n".to_vec()));
+                self.expect(Slot::swallow(1));
+                self.local(Bytes::from_static(EXECABORT));
+                return false;
+            }
+            "exec" | "discard" => {
+                self.in_multi = false;
+                self.multi_dirty = false;
+            }
+            "client|reply" => {
+                // Emulated, never forwarded: the upstream always answers, the proxy drops.
+                if self.in_multi {
+                    self.local_error(error_line("-ERR CLIENT REPLY inside MULTI is not supported through this proxy"));
+                    return false;
+                }
+                match cstr_lower(&args[2]).as_str() {
+                    "on" => {
+                        self.reply_mode = ReplyMode::On;
+                        self.local(Bytes::from_static(OK));
+                    }
+                    "off" => self.reply_mode = ReplyMode::Off,
+                    "skip" => {
+                        if self.reply_mode == ReplyMode::On {
+                            self.reply_mode = ReplyMode::Skip;
+                        }
+                    }
+                    _ => self.local(error_line("-ERR syntax error")),
+                }
+                return false;
+            }
+            "subscribe" | "psubscribe" | "ssubscribe" | "unsubscribe" | "punsubscribe" | "sunsubscribe" => {
+                if self.in_multi {
+                    let msg =
+                        format!("-ERR {} inside MULTI is not supported through this proxy", info.name.to_uppercase());
+                    self.local_error(error_line(&msg));
+                    return false;
+                }
+                let kind = match info.name.as_str() {
+                    "unsubscribe" => Some(SubKind::Channel),
+                    "punsubscribe" => Some(SubKind::Pattern),
+                    "sunsubscribe" => Some(SubKind::Shard),
+                    _ => None,
+                };
+                match kind {
+                    Some(kind) if argc == 1 => self.expect(Slot::UnsubAll { kind, visible: true }),
+                    _ => self.expect(Slot::Forward { n: argc - 1, effect: Effect::None, visible: true, sub: true }),
+                }
+                return true;
+            }
+            _ => {}
+        }
+        self.expect(Slot::forward(1));
+        true
+    }
+
+    /// Handles every complete request in `cbuf`.
+    pub(super) async fn on_client(&mut self, cbuf: &mut BytesMut, up: &mut Option<Stream>) -> Batch {
+        let mut reqs = Vec::new();
+        let mut at = 0;
+        let mut perr: Option<ProtocolError> = None;
+        let mut reparse = false;
+        let unauth = self.identity.is_none();
+        let mut may_authenticate = false;
+        loop {
+            match codec::parse_request(cbuf, at, &self.cfg.limits, unauth) {
+                Ok(Some(r)) => {
+                    if let Some(ArgRef::Range(a)) = r.args.first() {
+                        let name = cstr_lower(&cbuf[a.clone()]);
+                        may_authenticate |= name == "auth" || name == "hello";
+                    }
+                    at = r.raw.end;
+                    reqs.push(r);
+                }
+                Ok(None) => break,
+                // Redis applies its unauthenticated caps per request: after an AUTH in this
+                // batch, the rest is parsed again once it has been handled.
+                Err(e) if unauth && may_authenticate && e.0.starts_with("unauthenticated") => {
+                    reparse = true;
+                    break;
+                }
+                Err(e) => {
+                    perr = Some(e);
+                    break;
+                }
+            }
+        }
+        let bytes = cbuf.split_to(at).freeze();
+        let mut pieces: Vec<Piece> = Vec::new();
+        let mut allowed = 0u64;
+        for req in &reqs {
+            if self.quitting {
+                break;
+            }
+            let args = codec::resolve(&bytes, req);
+            if args.is_empty() {
+                continue;
+            }
+            let forward = if self.identity.is_none() {
+                self.route_unauthenticated(&args, up, &mut pieces).await;
+                false
+            } else {
+                self.route_authenticated(&args, up, &mut pieces).await
+            };
+            if !forward {
+                continue;
+            }
+            allowed += 1;
+            let inline = req.args.iter().any(|a| matches!(a, ArgRef::Owned(_)));
+            if inline {
+                // Redis would tokenize an inline request again: send exactly what was decided on.
+                let v: Vec<&[u8]> = args.iter().map(|a| a.as_ref()).collect();
+                pieces.push(Piece::Owned(codec::encode_command(&v)));
+                continue;
+            }
+            match pieces.last_mut() {
+                Some(Piece::Raw(r)) if r.end == req.raw.start => r.end = req.raw.end,
+                _ => pieces.push(Piece::Raw(req.raw.clone())),
+            }
+        }
+        self.shared.metrics.redis_allowed(&self.cfg.name, allowed);
+        if let Some(e) = perr {
+            tracing::debug!(error = %e, "protocol error from client");
+            self.replies.push(Slot::Local(Bytes::from(e.reply())));
+            self.quitting = true;
+            self.audit(Event::ConnRejected, "refused", Some("protocol_error"));
+        }
+        Batch { bytes, pieces, reparse: reparse && !self.quitting }
+    }
+}
