@@ -42,6 +42,23 @@ pub fn free_port() -> io::Result<u16> {
     Ok(StdListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
+/// A detached watchdog: once process `watched` is gone, it signals `child` (then kills it) and
+/// removes `dir`. Test binaries need it: their statics are never dropped.
+fn spawn_watchdog(watched: u32, child: u32, signal: &str, dir: PathBuf) -> io::Result<()> {
+    let script = format!(
+        "while kill -0 {watched} 2>/dev/null; do sleep 0.5; done; kill -{signal} {child} 2>/dev/null; sleep 2; kill -KILL {child} 2>/dev/null; rm -rf '{}'",
+        dir.display()
+    );
+    Command::new("sh")
+        .args(["-c", &script])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .process_group(0)
+        .spawn()?;
+    Ok(())
+}
+
 /// uid/gid of the `postgres` system user when we are root (PostgreSQL refuses to run as root).
 fn postgres_owner() -> Option<(u32, u32)> {
     use std::os::unix::fs::MetadataExt;
@@ -143,24 +160,12 @@ impl PgInstance {
             .stderr(log)
             .spawn()?;
         inst.child = Some(child);
-        if let Some(pid) = watch_pid {
-            // Detached watchdog: stop the server and clean up once the watched process is gone.
-            let script = format!(
-                "while kill -0 {pid} 2>/dev/null; do sleep 0.5; done; kill -INT {child} 2>/dev/null; sleep 2; kill -KILL {child} 2>/dev/null; rm -rf '{dir}'",
-                child = inst.child.as_ref().map(|c| c.id()).unwrap_or_default(),
-                dir = dir.path().display()
-            );
-            Command::new("sh")
-                .args(["-c", &script])
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .process_group(0)
-                .spawn()?;
-            // The watchdog owns the directory now.
-            let _ = dir.keep();
-        } else {
-            inst.dir = Some(dir);
+        match watch_pid {
+            Some(pid) => {
+                let child = inst.child.as_ref().map(|c| c.id()).unwrap_or_default();
+                spawn_watchdog(pid, child, "INT", dir.keep())?;
+            }
+            None => inst.dir = Some(dir),
         }
         inst.wait_ready()?;
         inst.psql_admin(&format!(
@@ -282,22 +287,12 @@ impl RedisInstance {
             .spawn()
             .map_err(|e| io::Error::other(format!("redis-server: {e} (apt-get install -y redis-server)")))?;
         let mut inst = RedisInstance { port, tls_port, password, dir: None, child: Some(child) };
-        if let Some(pid) = watch_pid {
-            let script = format!(
-                "while kill -0 {pid} 2>/dev/null; do sleep 0.5; done; kill -TERM {child} 2>/dev/null; sleep 1; kill -KILL {child} 2>/dev/null; rm -rf '{dir}'",
-                child = inst.child.as_ref().map(|c| c.id()).unwrap_or_default(),
-                dir = dir.path().display()
-            );
-            Command::new("sh")
-                .args(["-c", &script])
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .process_group(0)
-                .spawn()?;
-            let _ = dir.keep();
-        } else {
-            inst.dir = Some(dir);
+        match watch_pid {
+            Some(pid) => {
+                let child = inst.child.as_ref().map(|c| c.id()).unwrap_or_default();
+                spawn_watchdog(pid, child, "TERM", dir.keep())?;
+            }
+            None => inst.dir = Some(dir),
         }
         let t = Instant::now();
         while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {

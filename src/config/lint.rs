@@ -55,6 +55,41 @@ fn add(out: &mut Vec<Finding>, id: &'static str, severity: Severity, message: St
     out.push(Finding { id, severity, message });
 }
 
+/// Findings every listener gets the same way: plaintext, allow-list, upstream TLS.
+fn listener_basics(
+    out: &mut Vec<Finding>,
+    n: &str,
+    listen: SocketAddr,
+    tls: ListenerTls,
+    allow: &[ipnet::IpNet],
+    upstream: &str,
+    upstream_tls: bool,
+) {
+    if tls == ListenerTls::Disabled {
+        if loopback(&listen) {
+            add(out, "PC002", Severity::Warning, format!("listener {n:?}: plaintext (tls = \"disabled\") on loopback"));
+        } else {
+            add(out, "PC001", Severity::Error, format!("listener {n:?}: plaintext on non-loopback address {listen}"));
+        }
+    }
+    if allow.is_empty() && !loopback(&listen) {
+        add(
+            out,
+            "PC007",
+            Severity::Warning,
+            format!("listener {n:?}: no allow-list on a non-loopback address: any source may connect"),
+        );
+    }
+    if !upstream_tls && !upstream_is_local(upstream) {
+        add(
+            out,
+            "PC008",
+            Severity::Warning,
+            format!("listener {n:?}: upstream {upstream} is not loopback and upstream_tls is not set"),
+        );
+    }
+}
+
 /// Findings about a runtime secret reference (missing, or readable by others).
 fn check_secret(out: &mut Vec<Finding>, listener: &str, secret: &Option<SecretRef>) {
     use std::os::unix::fs::PermissionsExt;
@@ -126,23 +161,7 @@ pub fn lint(cfg: &Config) -> Vec<Finding> {
     }
     for p in &cfg.postgres {
         let n = &p.name;
-        if p.tls == ListenerTls::Disabled {
-            if loopback(&p.listen) {
-                add(
-                    out,
-                    "PC002",
-                    Severity::Warning,
-                    format!("listener {n:?}: plaintext (tls = \"disabled\") on loopback"),
-                );
-            } else {
-                add(
-                    out,
-                    "PC001",
-                    Severity::Error,
-                    format!("listener {n:?}: plaintext on non-loopback address {}", p.listen),
-                );
-            }
-        }
+        listener_basics(out, n, p.listen, p.tls, &p.allow, &p.upstream, p.upstream_tls.is_some());
         if p.deny_users.is_empty() {
             add(
                 out,
@@ -159,22 +178,6 @@ pub fn lint(cfg: &Config) -> Vec<Finding> {
                 format!(
                     "listener {n:?}: deny_superuser = false lets superuser sessions through (maintenance listeners only)"
                 ),
-            );
-        }
-        if p.allow.is_empty() && !loopback(&p.listen) {
-            add(
-                out,
-                "PC007",
-                Severity::Warning,
-                format!("listener {n:?}: no allow-list on a non-loopback address: any source may connect"),
-            );
-        }
-        if p.upstream_tls.is_none() && !upstream_is_local(&p.upstream) {
-            add(
-                out,
-                "PC008",
-                Severity::Warning,
-                format!("listener {n:?}: upstream {} is not loopback and upstream_tls is not set", p.upstream),
             );
         }
         if p.auth == PgAuthMode::Passthrough {
@@ -237,39 +240,7 @@ pub fn lint(cfg: &Config) -> Vec<Finding> {
     };
     for r in &cfg.redis {
         let n = &r.name;
-        if r.tls == ListenerTls::Disabled {
-            if loopback(&r.listen) {
-                add(
-                    out,
-                    "PC002",
-                    Severity::Warning,
-                    format!("listener {n:?}: plaintext (tls = \"disabled\") on loopback"),
-                );
-            } else {
-                add(
-                    out,
-                    "PC001",
-                    Severity::Error,
-                    format!("listener {n:?}: plaintext on non-loopback address {}", r.listen),
-                );
-            }
-        }
-        if r.allow.is_empty() && !loopback(&r.listen) {
-            add(
-                out,
-                "PC007",
-                Severity::Warning,
-                format!("listener {n:?}: no allow-list on a non-loopback address: any source may connect"),
-            );
-        }
-        if r.upstream_tls.is_none() && !upstream_is_local(&r.upstream) {
-            add(
-                out,
-                "PC008",
-                Severity::Warning,
-                format!("listener {n:?}: upstream {} is not loopback and upstream_tls is not set", r.upstream),
-            );
-        }
+        listener_basics(out, n, r.listen, r.tls, &r.allow, &r.upstream, r.upstream_tls.is_some());
         check_secret(out, n, &r.upstream_password);
         if r.upstream_password.is_none() {
             add(

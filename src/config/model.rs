@@ -387,6 +387,76 @@ pub struct PostgresListener {
     pub upstream_tls: Option<UpstreamTls>,
 }
 
+/// What every listener has, checked the same way for both protocols.
+struct CommonListener {
+    listen: SocketAddr,
+    tls: ListenerTls,
+    upstream_password: Option<SecretRef>,
+    allow: Vec<IpNet>,
+}
+
+/// The listener-level checks, with the names and addresses seen so far.
+struct ListenerChecks<'a> {
+    file: &'a Path,
+    src: &'a str,
+    names: std::collections::HashSet<String>,
+    listens: std::collections::HashSet<SocketAddr>,
+}
+
+/// The raw fields every listener shares.
+struct RawCommon<'a> {
+    name: &'a Spanned<String>,
+    listen: &'a Spanned<String>,
+    upstream: &'a Spanned<String>,
+    tls: &'a Option<Spanned<String>>,
+    inline_password: &'a Option<Spanned<toml::Value>>,
+    password_file: Option<PathBuf>,
+    password_env: Option<String>,
+    allow: &'a [Spanned<String>],
+}
+
+impl ListenerChecks<'_> {
+    fn err(&self, span: std::ops::Range<usize>, msg: String) -> ConfigError {
+        ConfigError::at(self.file, self.src, Some(span), msg)
+    }
+
+    fn common(&mut self, r: RawCommon<'_>) -> Result<CommonListener, ConfigError> {
+        if !self.names.insert(r.name.get_ref().clone()) {
+            return Err(self.err(r.name.span(), format!("duplicate listener name {:?}", r.name.get_ref())));
+        }
+        let listen = addr(r.listen, self.file, self.src)?;
+        if !self.listens.insert(listen) {
+            return Err(self.err(r.listen.span(), format!("address {listen} is used by two listeners")));
+        }
+        if r.upstream.get_ref().rsplit_once(':').and_then(|(_, port)| port.parse::<u16>().ok()).is_none() {
+            return Err(self.err(r.upstream.span(), format!("upstream {:?} must be host:port", r.upstream.get_ref())));
+        }
+        let tls = match r.tls.as_ref().map(|s| (s.get_ref().as_str(), s.span())) {
+            None | Some(("required", _)) => ListenerTls::Required,
+            Some(("disabled", _)) => ListenerTls::Disabled,
+            Some((v, span)) => return Err(self.err(span, format!("tls {v:?}: expected required or disabled"))),
+        };
+        if let Some(v) = r.inline_password {
+            return Err(self.err(
+                v.span(),
+                "inline secrets are not accepted: use upstream_password_file or upstream_password_env".into(),
+            ));
+        }
+        let upstream_password =
+            SecretRef::from_parts(r.password_file, r.password_env).map_err(|m| self.err(r.name.span(), m))?;
+        let mut allow = Vec::new();
+        for a in r.allow {
+            let net: IpNet = a
+                .get_ref()
+                .parse()
+                .or_else(|_| a.get_ref().parse::<std::net::IpAddr>().map(IpNet::from))
+                .map_err(|_| self.err(a.span(), format!("{:?} is not a CIDR", a.get_ref())))?;
+            allow.push(net);
+        }
+        Ok(CommonListener { listen, tls, upstream_password, allow })
+    }
+}
+
 impl RawConfig {
     pub(crate) fn validate(self, file: &Path, src: &str) -> Result<Config, ConfigError> {
         let err = |span: std::ops::Range<usize>, msg: String| ConfigError::at(file, src, Some(span), msg);
@@ -430,20 +500,24 @@ impl RawConfig {
             window: dur(&self.lockout.window, file, src)?,
             ban: dur(&self.lockout.ban, file, src)?,
         };
-        let mut names = std::collections::HashSet::new();
-        let mut listens = std::collections::HashSet::new();
+        let mut checks = ListenerChecks {
+            file,
+            src,
+            names: std::collections::HashSet::new(),
+            listens: std::collections::HashSet::new(),
+        };
         let mut postgres = Vec::new();
         for p in self.postgres {
-            if !names.insert(p.name.get_ref().clone()) {
-                return Err(err(p.name.span(), format!("duplicate listener name {:?}", p.name.get_ref())));
-            }
-            let listen = addr(&p.listen, file, src)?;
-            if !listens.insert(listen) {
-                return Err(err(p.listen.span(), format!("address {listen} is used by two listeners")));
-            }
-            if p.upstream.get_ref().rsplit_once(':').and_then(|(_, port)| port.parse::<u16>().ok()).is_none() {
-                return Err(err(p.upstream.span(), format!("upstream {:?} must be host:port", p.upstream.get_ref())));
-            }
+            let CommonListener { listen, tls: ltls, upstream_password, allow } = checks.common(RawCommon {
+                name: &p.name,
+                listen: &p.listen,
+                upstream: &p.upstream,
+                tls: &p.tls,
+                inline_password: &p.upstream_password,
+                password_file: p.upstream_password_file,
+                password_env: p.upstream_password_env,
+                allow: &p.allow,
+            })?;
             let auth = match p.auth.as_ref().map(|s| (s.get_ref().as_str(), s.span())) {
                 None | Some(("scram", _)) => PgAuthMode::Scram,
                 Some(("cert", _)) => PgAuthMode::Cert,
@@ -452,35 +526,11 @@ impl RawConfig {
                     return Err(err(span, format!("auth {v:?}: expected scram, cert or passthrough")));
                 }
             };
-            let ltls = match p.tls.as_ref().map(|s| (s.get_ref().as_str(), s.span())) {
-                None | Some(("required", _)) => ListenerTls::Required,
-                Some(("disabled", _)) => ListenerTls::Disabled,
-                Some((v, span)) => {
-                    return Err(err(span, format!("tls {v:?}: expected required or disabled")));
-                }
-            };
-            if let Some(v) = &p.upstream_password {
-                return Err(err(
-                    v.span(),
-                    "inline secrets are not accepted: use upstream_password_file or upstream_password_env".into(),
-                ));
-            }
-            let upstream_password = SecretRef::from_parts(p.upstream_password_file, p.upstream_password_env)
-                .map_err(|m| err(p.name.span(), m))?;
             if auth != PgAuthMode::Passthrough && p.users_file.is_none() {
                 return Err(err(p.name.span(), "auth scram/cert needs users_file".into()));
             }
             if auth == PgAuthMode::Cert && tls.client_ca.is_none() {
                 return Err(err(p.name.span(), "auth = \"cert\" needs [tls] client_ca".into()));
-            }
-            let mut allow = Vec::new();
-            for a in &p.allow {
-                let net: IpNet = a
-                    .get_ref()
-                    .parse()
-                    .or_else(|_| a.get_ref().parse::<std::net::IpAddr>().map(IpNet::from))
-                    .map_err(|_| err(a.span(), format!("{:?} is not a CIDR", a.get_ref())))?;
-                allow.push(net);
             }
             postgres.push(PostgresListener {
                 name: p.name.into_inner(),
@@ -500,32 +550,19 @@ impl RawConfig {
         }
         let mut redis = Vec::new();
         for r in self.redis {
-            if !names.insert(r.name.get_ref().clone()) {
-                return Err(err(r.name.span(), format!("duplicate listener name {:?}", r.name.get_ref())));
-            }
-            let listen = addr(&r.listen, file, src)?;
-            if !listens.insert(listen) {
-                return Err(err(r.listen.span(), format!("address {listen} is used by two listeners")));
-            }
-            if r.upstream.get_ref().rsplit_once(':').and_then(|(_, port)| port.parse::<u16>().ok()).is_none() {
-                return Err(err(r.upstream.span(), format!("upstream {:?} must be host:port", r.upstream.get_ref())));
-            }
+            let CommonListener { listen, tls, upstream_password, allow } = checks.common(RawCommon {
+                name: &r.name,
+                listen: &r.listen,
+                upstream: &r.upstream,
+                tls: &r.tls,
+                inline_password: &r.upstream_password,
+                password_file: r.upstream_password_file,
+                password_env: r.upstream_password_env,
+                allow: &r.allow,
+            })?;
             if let Some(t) = &r.ttl {
                 return Err(err(t.span(), "ttl rules are not supported by this build yet".into()));
             }
-            if let Some(v) = &r.upstream_password {
-                return Err(err(
-                    v.span(),
-                    "inline secrets are not accepted: use upstream_password_file or upstream_password_env".into(),
-                ));
-            }
-            let tls = match r.tls.as_ref().map(|s| (s.get_ref().as_str(), s.span())) {
-                None | Some(("required", _)) => ListenerTls::Required,
-                Some(("disabled", _)) => ListenerTls::Disabled,
-                Some((v, span)) => return Err(err(span, format!("tls {v:?}: expected required or disabled"))),
-            };
-            let upstream_password = SecretRef::from_parts(r.upstream_password_file, r.upstream_password_env)
-                .map_err(|m| err(r.name.span(), m))?;
             let Some(users_file) = r.users_file else {
                 return Err(err(r.name.span(), "[[redis]] needs users_file".into()));
             };
@@ -535,15 +572,6 @@ impl RawConfig {
             };
             let default_rules = crate::policy::AclRules::parse(&default_rules_text)
                 .map_err(|e| ConfigError::at(file, src, rules_span, e.to_string()))?;
-            let mut allow = Vec::new();
-            for a in &r.allow {
-                let net: IpNet = a
-                    .get_ref()
-                    .parse()
-                    .or_else(|_| a.get_ref().parse::<std::net::IpAddr>().map(IpNet::from))
-                    .map_err(|_| err(a.span(), format!("{:?} is not a CIDR", a.get_ref())))?;
-                allow.push(net);
-            }
             let mut limits = crate::redis::codec::Limits::default();
             if let Some(b) = r.max_bulk_len {
                 limits.max_bulk_len = b;

@@ -152,6 +152,23 @@ impl Session {
         res
     }
 
+    /// Opens the upstream for the current identity if there is none (a certificate identity,
+    /// or an upstream lost earlier). False when it cannot be reached.
+    pub(super) async fn ensure_upstream(&mut self, up: &mut Option<Stream>) -> bool {
+        if up.is_some() {
+            return true;
+        }
+        let creds = self.identity.as_ref().map(|i| i.upstream_creds()).unwrap_or_default();
+        match self.connect_upstream(&creds).await {
+            Ok(io) => {
+                *up = Some(io);
+                self.upstream_creds = Some(creds);
+                true
+            }
+            Err(_) => false,
+        }
+    }
+
     /// Switches to `id`. A new upstream connection logs in directly; an open one is
     /// re-authenticated in the stream, and if the upstream refuses, the session falls back to
     /// unauthenticated (fail closed). `reply_to_client`: the AUTH's own +OK goes to the client.
@@ -291,19 +308,9 @@ impl Session {
             cmd.push(b"SETNAME");
             cmd.push(n);
         }
-        if up.is_none() {
-            // Certificate identity without a connection yet.
-            let creds = self.identity.as_ref().map(|i| i.upstream_creds()).unwrap_or_default();
-            match self.connect_upstream(&creds).await {
-                Ok(io) => {
-                    *up = Some(io);
-                    self.upstream_creds = Some(creds);
-                }
-                Err(_) => {
-                    self.local(Bytes::from_static(UPSTREAM_DOWN));
-                    return;
-                }
-            }
+        if !self.ensure_upstream(up).await {
+            self.local(Bytes::from_static(UPSTREAM_DOWN));
+            return;
         }
         pieces.push(Piece::Owned(codec::encode_command(&cmd)));
         let effect = ver.map_or(Effect::None, Effect::Hello);

@@ -186,19 +186,9 @@ impl Session {
             }
             _ => {}
         }
-        if up.is_none() {
-            // A certificate identity, or an upstream lost earlier: log in now.
-            let creds = self.identity.as_ref().map(|i| i.upstream_creds()).unwrap_or_default();
-            match self.connect_upstream(&creds).await {
-                Ok(io) => {
-                    *up = Some(io);
-                    self.upstream_creds = Some(creds);
-                }
-                Err(_) => {
-                    self.local_error(Bytes::from_static(UPSTREAM_DOWN));
-                    return false;
-                }
-            }
+        if !self.ensure_upstream(up).await {
+            self.local_error(Bytes::from_static(UPSTREAM_DOWN));
+            return false;
         }
         if info.name == "reset" {
             // RESET turns replies back on and answers +RESET; the client is unauthenticated again.
