@@ -7,6 +7,7 @@ pub mod command;
 mod login;
 mod replies;
 mod route;
+mod scan;
 pub mod session;
 
 use std::sync::{Arc, RwLock};

@@ -9,7 +9,7 @@ use std::ops::Range;
 
 use bytes::Bytes;
 
-use super::codec::{ReplyKind, frame_reply};
+use super::codec::ReplyKind;
 
 /// Which subscription family an argument-less unsubscribe concerns.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -86,6 +86,8 @@ pub(super) struct Replies {
     shard: HashSet<Vec<u8>>,
     /// Set when an `AuthCheck` reply was an error; the session reads and clears it.
     pub(super) auth_rejected: bool,
+    /// Where the reply being read stands (resumable across reads).
+    scanner: super::scan::Scanner,
 }
 
 fn is_message(kind: &str) -> bool {
@@ -174,15 +176,16 @@ impl Replies {
     /// `out`; returns the bytes consumed (a partial reply stays for the next read).
     pub(super) fn on_upstream(&mut self, buf: &[u8], out: &mut Vec<Out>) -> Result<usize, String> {
         let mut pos = 0;
-        while pos < buf.len() {
+        loop {
             // HELLO's own reply already speaks the protocol it asked for.
             let resp3 = match self.queue.front() {
                 Some(Slot::Forward { effect: Effect::Hello(v), .. }) => *v == 3,
                 _ => self.resp3,
             };
-            let Some((len, kind)) = frame_reply(&buf[pos..], resp3)? else { break };
-            let frame = pos..pos + len;
-            pos += len;
+            let Some((start, end, kind)) = self.scanner.next(buf, resp3)? else { break };
+            debug_assert_eq!(start, pos);
+            let frame = start..end;
+            pos = end;
             let front_is_sub =
                 matches!(self.queue.front(), Some(Slot::Forward { sub: true, .. }) | Some(Slot::UnsubAll { .. }));
             match &kind {
@@ -241,6 +244,7 @@ impl Replies {
             }
         }
         self.drain_locals(out);
+        self.scanner.consumed(pos);
         Ok(pos)
     }
 }
