@@ -155,4 +155,6 @@ async fn upstream_down_is_reported_without_its_address() {
     let mut c = RawRedis::proxy(p.redis_port()).await;
     assert_eq!(c.call(&["AUTH", "app", REDIS_APP_PW]).await, b"-ERR upstream unavailable\r\n");
     assert!(p.metrics().contains(r#"portcullis_upstream_up{listener="cache"} 0"#), "{}", p.metrics());
+    let admin = portcullis::admin::route(p.running.shared(), &hyper::Method::GET, "/readyz");
+    assert_eq!(admin.status(), 503);
 }
