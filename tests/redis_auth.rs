@@ -158,3 +158,35 @@ async fn upstream_down_is_reported_without_its_address() {
     let admin = portcullis::admin::route(p.running.shared(), &hyper::Method::GET, "/readyz");
     assert_eq!(admin.status(), 503);
 }
+
+#[tokio::test]
+async fn nul_bytes_in_inline_requests_are_harmless() {
+    // Redis itself looks for the inline newline with strchr and stalls on a NUL (the request
+    // never completes); the proxy ends the line at the NUL instead and answers. Either way
+    // nothing runs: this is about not hanging or looping.
+    let p = redis_proxy("", "").await;
+    let mut proxied = RawRedis::proxy(p.redis_port()).await;
+    proxied.send_raw(b"\0\nGET a\0b\r\nPING\r\n").await;
+    assert_eq!(proxied.read(false).await, b"-NOAUTH Authentication required.\r\n");
+    assert_eq!(proxied.read(false).await, b"-NOAUTH Authentication required.\r\n");
+    assert_eq!(proxied.call(&["AUTH", "app", REDIS_APP_PW]).await, b"+OK\r\n");
+    proxied.send_raw(b"SET app:nul x\0ignored\r\nGET app:nul\r\n").await;
+    assert_eq!(proxied.read(false).await, b"+OK\r\n");
+    assert_eq!(proxied.read(false).await, b"$1\r\nx\r\n");
+}
+
+#[tokio::test]
+async fn replication_streams_are_never_proxied() {
+    let p = redis_proxy("", "").await;
+    let mut c = RawRedis::proxy(p.redis_port()).await;
+    assert_eq!(c.call(&["AUTH", "admin", REDIS_ADMIN_PW]).await, b"+OK\r\n");
+    for (args, name) in [
+        (&["PSYNC", "?", "-1"][..], "psync"),
+        (&["SYNC"][..], "sync"),
+        (&["REPLCONF", "listening-port", "1"][..], "replconf"),
+    ] {
+        let want = format!("-NOPERM this user has no permissions to run the '{name}' command\r\n");
+        assert_eq!(String::from_utf8(c.call(args).await).unwrap(), want);
+    }
+    assert_eq!(c.call(&["PING"]).await, b"+PONG\r\n");
+}

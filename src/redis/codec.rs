@@ -16,13 +16,13 @@ pub const INLINE_MAX: usize = 64 * 1024;
 pub struct Limits {
     /// Largest bulk argument (default 512 MiB, as Redis).
     pub max_bulk_len: u64,
-    /// Most arguments in one command (default 1,048,576).
+    /// Most arguments in one command (default 2^31-1, as Redis; the 1 GiB query buffer cap bounds memory).
     pub max_multibulk_len: u64,
 }
 
 impl Default for Limits {
     fn default() -> Self {
-        Limits { max_bulk_len: 512 * 1024 * 1024, max_multibulk_len: 1024 * 1024 }
+        Limits { max_bulk_len: 512 * 1024 * 1024, max_multibulk_len: i32::MAX as u64 }
     }
 }
 
@@ -60,8 +60,31 @@ fn line_end(buf: &[u8], from: usize) -> Option<usize> {
     buf[from..].windows(2).position(|w| w == b"\r\n").map(|p| from + p)
 }
 
-fn parse_int(b: &[u8]) -> Option<i64> {
+/// Redis's `string2ll`: an optional '-', digits, no leading zeros, no '+', no spaces.
+pub fn strict_int(b: &[u8]) -> Option<i64> {
+    let digits = b.strip_prefix(b"-").unwrap_or(b);
+    let canonical = !digits.is_empty()
+        && digits.iter().all(u8::is_ascii_digit)
+        && (digits == b"0" || digits[0] != b'0')
+        && b != b"-0";
+    if !canonical {
+        return None;
+    }
     std::str::from_utf8(b).ok()?.parse().ok()
+}
+
+fn parse_int(b: &[u8]) -> Option<i64> {
+    strict_int(b)
+}
+
+/// A multibulk request whose arguments are still arriving: where parsing stopped, so the next
+/// read resumes there instead of starting over (linear, not quadratic, in the request's size).
+/// Always describes a request that starts at offset 0 of the buffer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Partial {
+    args: Vec<ArgRef>,
+    n: i64,
+    pos: usize,
 }
 
 /// Parses the request starting at `buf[at..]`. `Ok(None)`: incomplete. `unauthenticated`
@@ -72,34 +95,60 @@ pub fn parse_request(
     limits: &Limits,
     unauthenticated: bool,
 ) -> Result<Option<ParsedRequest>, ProtocolError> {
+    parse_request_resume(buf, at, limits, unauthenticated, &mut None)
+}
+
+/// `parse_request`, resuming a multibulk request at offset 0 from `partial` and leaving its
+/// progress there when it is still incomplete.
+pub fn parse_request_resume(
+    buf: &[u8],
+    at: usize,
+    limits: &Limits,
+    unauthenticated: bool,
+    partial: &mut Option<Partial>,
+) -> Result<Option<ParsedRequest>, ProtocolError> {
     let err = |s: &str| Err(ProtocolError(s.to_string()));
     if at >= buf.len() {
         return Ok(None);
     }
-    if buf[at] != b'*' {
-        return parse_inline(buf, at);
-    }
-    let Some(eol) = line_end(buf, at) else {
-        return if buf.len() - at > INLINE_MAX { err("too big mbulk count string") } else { Ok(None) };
+    let resumed = if at == 0 { partial.take() } else { None };
+    let (mut args, n, mut pos) = match resumed {
+        Some(p) => (p.args, p.n, p.pos),
+        None => {
+            if buf[at] != b'*' {
+                return parse_inline(buf, at);
+            }
+            let Some(eol) = line_end(buf, at) else {
+                return if buf.len() - at > INLINE_MAX { err("too big mbulk count string") } else { Ok(None) };
+            };
+            let Some(n) = parse_int(&buf[at + 1..eol]) else { return err("invalid multibulk length") };
+            if n > i64::from(i32::MAX) || (n > 0 && n as u64 > limits.max_multibulk_len) {
+                return err("invalid multibulk length");
+            }
+            if unauthenticated && n > 10 {
+                return err("unauthenticated multibulk length");
+            }
+            if n <= 0 {
+                return Ok(Some(ParsedRequest { args: Vec::new(), raw: at..eol + 2 }));
+            }
+            (Vec::with_capacity(n.min(1024) as usize), n, eol + 2)
+        }
     };
-    let Some(n) = parse_int(&buf[at + 1..eol]) else { return err("invalid multibulk length") };
-    if n > i64::from(i32::MAX) || n as u64 > limits.max_multibulk_len {
-        return err("invalid multibulk length");
-    }
-    if unauthenticated && n > 10 {
-        return err("unauthenticated multibulk length");
-    }
-    let mut pos = eol + 2;
-    if n <= 0 {
-        return Ok(Some(ParsedRequest { args: Vec::new(), raw: at..pos }));
-    }
-    let mut args = Vec::with_capacity(n.min(1024) as usize);
-    for _ in 0..n {
+    while (args.len() as i64) < n {
+        let save = |args: Vec<ArgRef>, pos: usize, partial: &mut Option<Partial>| {
+            if at == 0 {
+                *partial = Some(Partial { args, n, pos });
+            }
+            Ok(None)
+        };
         if pos >= buf.len() {
-            return Ok(None);
+            return save(args, pos, partial);
         }
         let Some(eol) = line_end(buf, pos) else {
-            return if buf.len() - pos > INLINE_MAX { err("too big bulk count string") } else { Ok(None) };
+            if buf.len() - pos > INLINE_MAX {
+                return err("too big bulk count string");
+            }
+            return save(args, pos, partial);
         };
         if buf[pos] != b'$' {
             return Err(ProtocolError(format!("expected '$', got '{}'", buf[pos] as char)));
@@ -113,7 +162,7 @@ pub fn parse_request(
         }
         let start = eol + 2;
         if buf.len() < start + len + 2 {
-            return Ok(None);
+            return save(args, pos, partial);
         }
         args.push(ArgRef::Range(start..start + len));
         pos = start + len + 2;
@@ -132,6 +181,10 @@ fn parse_inline(buf: &[u8], at: usize) -> Result<Option<ParsedRequest>, Protocol
     let mut line = &buf[at..nl];
     if line.last() == Some(&b'\r') {
         line = &line[..line.len() - 1];
+    }
+    // Redis splits the line as a C string: a NUL ends it.
+    if let Some(nul) = line.iter().position(|b| *b == 0) {
+        line = &line[..nul];
     }
     let args = split_args(line).ok_or_else(|| ProtocolError("unbalanced quotes in request".into()))?;
     Ok(Some(ParsedRequest { args: args.into_iter().map(ArgRef::Owned).collect(), raw: at..nl + 1 }))
@@ -329,6 +382,28 @@ mod tests {
     }
 
     #[test]
+    fn resumed_parsing_matches_parsing_at_once() {
+        let mut input = Vec::new();
+        input.extend_from_slice(&encode_command(&[b"MSET", b"a", b"1", b"bb", b"22", b"ccc", b"333"]));
+        let whole = parse_request(&input, 0, &Limits::default(), false).unwrap().unwrap();
+        let mut partial = None;
+        for cut in 1..input.len() {
+            let r = parse_request_resume(&input[..cut], 0, &Limits::default(), false, &mut partial).unwrap();
+            assert!(r.is_none(), "cut {cut}");
+        }
+        let r = parse_request_resume(&input, 0, &Limits::default(), false, &mut partial).unwrap().unwrap();
+        assert_eq!(r, whole);
+        assert!(partial.is_none());
+    }
+
+    #[test]
+    fn nul_ends_an_inline_line() {
+        assert_eq!(parse_all(b"\0\n", false).unwrap(), vec![Vec::<Vec<u8>>::new()]);
+        assert_eq!(parse_all(b"GET a\0b\r\n", false).unwrap(), vec![vec![b"GET".to_vec(), b"a".to_vec()]]);
+        assert_eq!(parse_all(b"SET \"a\0b\" c\n", false).unwrap_err().0, "unbalanced quotes in request");
+    }
+
+    #[test]
     fn incomplete_requests_wait() {
         let cmd = encode_command(&[b"GET", b"key"]);
         for cut in 1..cmd.len() {
@@ -347,6 +422,8 @@ mod tests {
         assert_eq!(e(b"*11\r\n", true), "unauthenticated multibulk length");
         assert_eq!(e(b"*1\r\n$16385\r\n", true), "unauthenticated bulk length");
         assert_eq!(e(b"set \"a\n", false), "unbalanced quotes in request");
+        assert_eq!(e(b"*1\r\n$+4\r\nPING\r\n", false), "invalid bulk length");
+        assert_eq!(e(b"*01\r\n", false), "invalid multibulk length");
         assert_eq!(e(&vec![b'a'; INLINE_MAX + 1], false), "too big inline request");
         let small = Limits { max_bulk_len: 10, max_multibulk_len: 2 };
         assert_eq!(parse_request(b"*3\r\n", 0, &small, false).unwrap_err().0, "invalid multibulk length");

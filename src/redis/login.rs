@@ -27,18 +27,7 @@ pub(super) const OK: &[u8] = b"+OK\r\n";
 /// How long a password check may wait for a place in the Argon2 pool.
 const ARGON_QUEUE_WAIT: Duration = Duration::from_secs(5);
 
-/// Redis's `string2ll`: an optional '-', digits, no leading zeros, no '+', no spaces.
-fn strict_int(b: &[u8]) -> Option<i64> {
-    let digits = b.strip_prefix(b"-").unwrap_or(b);
-    let canonical = !digits.is_empty()
-        && digits.iter().all(u8::is_ascii_digit)
-        && (digits == b"0" || digits[0] != b'0')
-        && !(b.len() > 1 && b == b"-0");
-    if !canonical {
-        return None;
-    }
-    std::str::from_utf8(b).ok()?.parse().ok()
-}
+use super::codec::strict_int;
 
 /// Redis's client-name rule: no spaces, newlines or other characters outside '!'..'~'.
 fn valid_client_name(n: &[u8]) -> bool {
@@ -202,11 +191,18 @@ impl Session {
                     self.local(Bytes::from_static(UPSTREAM_DOWN));
                     return false;
                 }
-                Ok(None) => {
-                    // No credentials: the upstream has no auth; nothing to switch.
+                Ok(None) if self.upstream_creds.as_ref().is_none_or(|c| c.1.is_none()) => {
+                    // No credentials before or now: the upstream has no auth; nothing to switch.
                     if reply_to_client {
                         self.local(Bytes::from_static(OK));
                     }
+                }
+                Ok(None) => {
+                    // The upstream is logged in with credentials this user has none of: it
+                    // cannot be switched down in place. Refuse rather than keep the old login.
+                    tracing::warn!("user has no upstream credentials but the upstream is logged in with some");
+                    self.local(Bytes::from_static(UPSTREAM_DOWN));
+                    return false;
                 }
                 Ok(Some(cmd)) => {
                     pieces.push(Piece::Owned(cmd));

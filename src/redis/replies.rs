@@ -186,8 +186,11 @@ impl Replies {
             debug_assert_eq!(start, pos);
             let frame = start..end;
             pos = end;
-            let front_is_sub =
-                matches!(self.queue.front(), Some(Slot::Forward { sub: true, .. }) | Some(Slot::UnsubAll { .. }));
+            // The request this reply may answer: the first slot that is not a proxy-made reply.
+            let front_is_sub = matches!(
+                self.queue.iter().find(|s| !matches!(s, Slot::Local(_))),
+                Some(Slot::Forward { sub: true, .. }) | Some(Slot::UnsubAll { .. })
+            );
             match &kind {
                 // Pushes that answer no request: messages, invalidations, ...
                 ReplyKind::Push(k) if !(front_is_sub && is_sub_reply(k)) => {
@@ -336,6 +339,19 @@ mod tests {
         let got = run(&mut r, b"-WRONGPASS x\r\n+OK\r\n");
         assert_eq!(got, vec![b"+OK\r\n".to_vec()]);
         assert!(r.auth_rejected);
+    }
+
+    #[test]
+    fn resp3_subscribe_behind_a_local_reply_is_still_counted() {
+        let mut r = Replies { resp3: true, ..Replies::default() };
+        r.push(fwd(1)); // PING
+        r.push(Slot::Local(Bytes::from_static(b"-ERR unknown\r\n")));
+        r.push(sub(1)); // SUBSCRIBE ch
+        r.push(fwd(1)); // GET a
+        let got = run(&mut r, b"+PONG\r\n>3\r\n$9\r\nsubscribe\r\n$2\r\nch\r\n:1\r\n$2\r\nva\r\n");
+        assert_eq!(got.len(), 4);
+        assert_eq!(got[1], b"-ERR unknown\r\n");
+        assert!(r.idle() && r.subscribed());
     }
 
     #[test]

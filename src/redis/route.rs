@@ -53,22 +53,16 @@ fn unknown_subcommand(args: &[Bytes]) -> Bytes {
 }
 
 impl Session {
-    /// Queues a slot through the CLIENT REPLY emulation: with replies off (or skipped), the
-    /// upstream still answers and the proxy drops the answer; proxy-made replies are dropped.
+    /// Queues a slot through the CLIENT REPLY emulation: for a request whose reply is off (or
+    /// skipped), the upstream still answers and the proxy drops the answer; proxy-made replies
+    /// are dropped.
     pub(super) fn expect(&mut self, slot: Slot) {
-        match self.reply_mode {
-            ReplyMode::On => self.replies.push(slot),
-            ReplyMode::Off => {
-                if let Some(h) = slot.hidden() {
-                    self.replies.push(h);
-                }
+        if self.hide_current {
+            if let Some(h) = slot.hidden() {
+                self.replies.push(h);
             }
-            ReplyMode::Skip => {
-                if let Some(h) = slot.hidden() {
-                    self.replies.push(h);
-                }
-                self.reply_mode = ReplyMode::On;
-            }
+        } else {
+            self.replies.push(slot);
         }
     }
 
@@ -193,6 +187,7 @@ impl Session {
         if info.name == "reset" {
             // RESET turns replies back on and answers +RESET; the client is unauthenticated again.
             self.reply_mode = ReplyMode::On;
+            self.hide_current = false;
             self.expect(Slot::Forward { n: 1, effect: Effect::Reset, visible: true, sub: false });
             self.identity = None;
             self.upstream_creds = None;
@@ -203,10 +198,12 @@ impl Session {
             return true;
         }
         let Some(id) = self.identity.as_ref() else { return false };
-        if info.name == "monitor" {
-            // MONITOR would stream every client's commands (values included) to this one.
-            let reply = error_line("-NOPERM this user has no permissions to run the 'monitor' command");
-            self.deny(reply, "monitor", None);
+        if matches!(info.name.as_str(), "monitor" | "sync" | "psync" | "replconf") {
+            // MONITOR would stream every client's commands, SYNC/PSYNC every write and the whole
+            // dataset, to this one: values included, key patterns bypassed. Never through the proxy.
+            let name = info.name.clone();
+            let reply = error_line(&format!("-NOPERM this user has no permissions to run the '{name}' command"));
+            self.deny(reply, &name, None);
             return false;
         }
         let first_arg = if info.name.contains('|') { None } else { args.get(1).map(|a| cstr_lower(a)) };
@@ -245,9 +242,14 @@ impl Session {
                     self.local_error(error_line("-ERR CLIENT REPLY inside MULTI is not supported through this proxy"));
                     return false;
                 }
+                if self.replies.subscribed() && !self.replies.resp3 {
+                    self.local(error_line("-ERR Can't execute 'client|reply': only (P|S)SUBSCRIBE / (P|S)UNSUBSCRIBE / PING / QUIT / RESET are allowed in this context"));
+                    return false;
+                }
                 match cstr_lower(&args[2]).as_str() {
                     "on" => {
                         self.reply_mode = ReplyMode::On;
+                        self.hide_current = false;
                         self.local(Bytes::from_static(OK));
                     }
                     "off" => self.reply_mode = ReplyMode::Off,
@@ -294,7 +296,7 @@ impl Session {
         let unauth = self.identity.is_none();
         let mut may_authenticate = false;
         loop {
-            match codec::parse_request(cbuf, at, &self.cfg.limits, unauth) {
+            match codec::parse_request_resume(cbuf, at, &self.cfg.limits, unauth, &mut self.partial) {
                 Ok(Some(r)) => {
                     if let Some(ArgRef::Range(a)) = r.args.first() {
                         let name = cstr_lower(&cbuf[a.clone()]);
@@ -324,7 +326,17 @@ impl Session {
                 break;
             }
             let args = codec::resolve(&bytes, req);
+            // CLIENT REPLY: whether this request's replies are seen is settled before it runs.
+            self.hide_current = match self.reply_mode {
+                ReplyMode::On => false,
+                ReplyMode::Off => true,
+                ReplyMode::Skip => {
+                    self.reply_mode = ReplyMode::On;
+                    true
+                }
+            };
             if args.is_empty() {
+                // An empty request still counts as "the next command" for SKIP, as in Redis.
                 continue;
             }
             let forward = if self.identity.is_none() {
@@ -333,6 +345,7 @@ impl Session {
             } else {
                 self.route_authenticated(&args, up, &mut pieces).await
             };
+            self.hide_current = false;
             if !forward {
                 continue;
             }

@@ -83,6 +83,10 @@ pub(super) struct Session {
     pub(super) preauth_commands: u32,
     /// Stop handling requests; end once every reply is out.
     pub(super) quitting: bool,
+    /// The request being handled gets no visible reply (CLIENT REPLY OFF, or SKIP).
+    pub(super) hide_current: bool,
+    /// A multibulk request still arriving (resumes parsing where the last read stopped).
+    pub(super) partial: Option<super::codec::Partial>,
     /// Until when an unauthenticated client may stay (TLS + login; again after RESET).
     pub(super) auth_deadline: Option<Instant>,
     up_bytes: u64,
@@ -124,6 +128,8 @@ pub async fn handle(acc: Accepted, l: Arc<RedisListener>, shared: Arc<Shared>) {
         reply_mode: ReplyMode::On,
         preauth_commands: 0,
         quitting: false,
+        hide_current: false,
+        partial: None,
         auth_deadline: Some(deadline),
         up_bytes: 0,
         down_bytes: 0,
@@ -365,12 +371,13 @@ impl Session {
                     if self.write_out(&mut client, &chunk, out).await.is_err() {
                         return ConnOutcome::Closed;
                     }
-                    if std::mem::take(&mut self.replies.auth_rejected) {
-                        // The upstream refused the runtime credentials of a re-AUTH: fail closed.
-                        tracing::warn!("upstream refused re-authentication; the client is unauthenticated");
-                        self.identity = None;
-                        self.upstream_creds = None;
-                        self.rearm_auth_deadline();
+                    if self.replies.auth_rejected {
+                        // The upstream refused the runtime credentials of a re-AUTH: the upstream
+                        // session's state can no longer be vouched for. End it (fail closed).
+                        tracing::warn!("upstream refused re-authentication; closing the session");
+                        self.audit(Event::ConnRejected, "error", Some("upstream_reauth_refused"));
+                        let _ = client.shutdown().await;
+                        return ConnOutcome::UpstreamFailed;
                     }
                 }
                 _ = sleep_until_opt(self.auth_deadline.filter(|_| self.identity.is_none())) => {
