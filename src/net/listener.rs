@@ -108,14 +108,15 @@ fn allowed(allow: &[IpNet], ip: IpAddr) -> bool {
     allow.is_empty() || allow.iter().any(|n| n.contains(&ip))
 }
 
-/// `Ok(Ok(permit))` admitted, `Ok(Err(_))` over a limit but answerable, `Err(())` drop now.
-#[allow(clippy::result_unit_err)]
-fn admit(
-    shared: &Shared,
-    spec: &ListenerSpec,
-    listener_count: &Arc<AtomicUsize>,
-    ip: IpAddr,
-) -> Result<Result<ConnPermit, AdmitRefusal>, ()> {
+/// Admission's verdict on a new connection.
+enum Verdict {
+    /// Admitted, or over a limit but to be told so in the protocol's words.
+    Serve(Result<ConnPermit, AdmitRefusal>),
+    /// Over a limit with too many refusals already in flight: close at once.
+    Drop,
+}
+
+fn admit(shared: &Shared, spec: &ListenerSpec, listener_count: &Arc<AtomicUsize>, ip: IpAddr) -> Verdict {
     let ip = crate::auth::lockout::source_key(ip);
     let limits = shared.config().limits.clone();
     let counter = shared.conns.clone();
@@ -137,11 +138,11 @@ fn admit(
         let counter = shared.conns.clone();
         if counter.refusing.fetch_add(1, Ordering::Relaxed) >= MAX_REFUSING {
             counter.refusing.fetch_sub(1, Ordering::Relaxed);
-            return Err(());
+            return Verdict::Drop;
         }
-        return Ok(Err(AdmitRefusal::LimitReached(RefusalSlot(counter))));
+        return Verdict::Serve(Err(AdmitRefusal::LimitReached(RefusalSlot(counter))));
     }
-    Ok(Ok(permit))
+    Verdict::Serve(Ok(permit))
 }
 
 /// Accepts until shutdown; each admitted connection runs `handle` in its own task, tracked
@@ -181,7 +182,7 @@ where
         }
         let _ = tcp.set_nodelay(true);
         crate::net::set_keepalive(&tcp);
-        let Ok(admission) = admit(&shared, &spec, &listener_count, peer.ip()) else {
+        let Verdict::Serve(admission) = admit(&shared, &spec, &listener_count, peer.ip()) else {
             shared.metrics.connection(&spec.name, spec.protocol, ConnOutcome::LimitReached);
             drop(tcp);
             continue;
