@@ -252,23 +252,39 @@ impl Running {
             }
         };
         let new = Arc::new(new);
-        for l in &self.pg {
-            if let Some(lc) = new.postgres.iter().find(|p| p.name == l.config().name)
-                && let Err(e) = l.reload(lc)
-            {
-                self.shared.metrics.config_reload(false);
-                tracing::error!(error = %e, "listener reload refused; keeping the running config");
-                return Err(e.to_string());
+        // Everything is loaded first; only if all of it loads is any of it applied.
+        let prepared = (|| -> Result<_, String> {
+            let mut pg = Vec::new();
+            for l in &self.pg {
+                if let Some(lc) = new.postgres.iter().find(|p| p.name == l.config().name) {
+                    pg.push((l.clone(), PgListener::prepare(lc).map_err(|e| e.to_string())?));
+                }
             }
+            let mut redis = Vec::new();
+            for l in &self.redis {
+                if let Some(lc) = new.redis.iter().find(|p| p.name == l.config().name) {
+                    redis.push((l.clone(), RedisListener::prepare(lc).map_err(|e| e.to_string())?));
+                }
+            }
+            Ok((pg, redis))
+        })();
+        let (pg, redis) = match prepared {
+            Ok(x) => x,
+            Err(e) => {
+                self.shared.metrics.config_reload(false);
+                let mut r = Record::new(Event::ConfigReload);
+                r.outcome = Some("error");
+                r.reason = Some(&e);
+                r.emit();
+                tracing::error!(error = %e, "listener reload refused; keeping the running config");
+                return Err(e);
+            }
+        };
+        for (l, p) in pg {
+            l.apply(p);
         }
-        for l in &self.redis {
-            if let Some(lc) = new.redis.iter().find(|p| p.name == l.config().name)
-                && let Err(e) = l.reload(lc)
-            {
-                self.shared.metrics.config_reload(false);
-                tracing::error!(error = %e, "listener reload refused; keeping the running config");
-                return Err(e.to_string());
-            }
+        for (l, p) in redis {
+            l.apply(p);
         }
         self.shared.set_config(new.clone());
         reload_tls(&self.shared, &new);

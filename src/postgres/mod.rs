@@ -42,6 +42,14 @@ impl From<PgListenerError> for crate::app::AppError {
     }
 }
 
+/// A listener config loaded for reload, not yet in force.
+#[derive(Debug)]
+pub struct PreparedPg {
+    users: UsersFile,
+    tls: Option<UpstreamTlsClient>,
+    cfg: PostgresListener,
+}
+
 /// Per-listener state: its config, users, upstream TLS client, cancel keys and caches.
 #[derive(Debug)]
 pub struct PgListener {
@@ -97,14 +105,20 @@ impl PgListener {
         self.users_file().reload()
     }
 
-    /// Applies a reloaded listener config (users and upstream TLS are loaded first).
-    pub fn reload(&self, cfg: &PostgresListener) -> Result<(), PgListenerError> {
-        let users = UsersFile::load(cfg.users_file.as_deref())?;
-        let tls = cfg.upstream_tls.as_ref().map(|t| UpstreamTlsClient::new(t, Some(b"postgresql"))).transpose()?;
-        *self.users.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(users);
-        *self.upstream_tls.write().unwrap_or_else(|p| p.into_inner()) = tls;
-        *self.cfg.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(cfg.clone());
-        Ok(())
+    /// Loads what a reloaded listener config needs (users, upstream TLS) without applying it.
+    pub fn prepare(cfg: &PostgresListener) -> Result<PreparedPg, PgListenerError> {
+        Ok(PreparedPg {
+            users: UsersFile::load(cfg.users_file.as_deref())?,
+            tls: cfg.upstream_tls.as_ref().map(|t| UpstreamTlsClient::new(t, Some(b"postgresql"))).transpose()?,
+            cfg: cfg.clone(),
+        })
+    }
+
+    /// Applies a prepared reload; new sessions see it, open ones keep theirs.
+    pub fn apply(&self, p: PreparedPg) {
+        *self.users.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(p.users);
+        *self.upstream_tls.write().unwrap_or_else(|e| e.into_inner()) = p.tls;
+        *self.cfg.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(p.cfg);
     }
 
     fn salted_key(password: &str, salt: &[u8], iterations: u32) -> [u8; 32] {

@@ -115,15 +115,29 @@ impl RedisListener {
         read(&self.users).reload()
     }
 
-    /// Applies a reloaded listener config; the command table is fetched again on the next
-    /// upstream connection.
-    pub fn reload(&self, cfg: &RedisConfig) -> Result<(), RedisListenerError> {
-        let users = UsersFile::load(Some(&cfg.users_file))?;
-        let tls = cfg.upstream_tls.as_ref().map(|t| UpstreamTlsClient::new(t, None)).transpose()?;
-        write(&self.users, Arc::new(users));
-        write(&self.upstream_tls, tls);
-        write(&self.cfg, Arc::new(cfg.clone()));
-        write(&self.commands, Arc::new(CommandTable::builtin()));
-        Ok(())
+    /// Loads what a reloaded listener config needs (users, upstream TLS) without applying it.
+    pub fn prepare(cfg: &RedisConfig) -> Result<PreparedRedis, RedisListenerError> {
+        Ok(PreparedRedis {
+            users: UsersFile::load(Some(&cfg.users_file))?,
+            tls: cfg.upstream_tls.as_ref().map(|t| UpstreamTlsClient::new(t, None)).transpose()?,
+            cfg: cfg.clone(),
+        })
     }
+
+    /// Applies a prepared reload; the command table is fetched again on the next upstream
+    /// connection.
+    pub fn apply(&self, p: PreparedRedis) {
+        write(&self.users, Arc::new(p.users));
+        write(&self.upstream_tls, p.tls);
+        write(&self.cfg, Arc::new(p.cfg));
+        write(&self.commands, Arc::new(CommandTable::builtin()));
+    }
+}
+
+/// A listener config loaded for reload, not yet in force.
+#[derive(Debug)]
+pub struct PreparedRedis {
+    users: UsersFile,
+    tls: Option<UpstreamTlsClient>,
+    cfg: RedisConfig,
 }
