@@ -110,6 +110,7 @@ pub struct Metrics {
     bytes_total: IntCounterVec,
     redis_commands_total: IntCounterVec,
     redis_denied_total: IntCounterVec,
+    redis_ttl_rewrites_total: IntCounterVec,
     upstream_connect_seconds: HistogramVec,
     upstream_up: IntGaugeVec,
     lockouts_total: IntCounter,
@@ -205,6 +206,12 @@ impl Metrics {
                 "Redis commands by verdict.",
                 &["listener", "verdict"],
             ),
+            redis_ttl_rewrites_total: counter(
+                &r,
+                "redis_ttl_rewrites_total",
+                "Commands changed by the TTL policy, by rule pattern and action.",
+                &["listener", "rule", "action"],
+            ),
             redis_denied_total: counter(
                 &r,
                 "redis_denied_total",
@@ -283,6 +290,11 @@ impl Metrics {
         if let Some(cmd) = denied {
             self.redis_denied_total.with_label_values(&[listener, cmd]).inc();
         }
+    }
+
+    /// The TTL policy acted on a command (`rule` is a configured pattern, `action` an enum label).
+    pub fn redis_ttl(&self, listener: &str, rule: &str, action: &'static str) {
+        self.redis_ttl_rewrites_total.with_label_values(&[listener, rule, action]).inc();
     }
 
     /// Allowed Redis commands counted in bulk (one batch).

@@ -391,7 +391,8 @@ fn redis_cli_and_redis_benchmark_through_the_binary_without_leaking_secrets() {
         format!(
             "[admin]\nlisten = \"127.0.0.1:{admin}\"\n[tls]\ncert = \"{c}/server.crt\"\nkey = \"{c}/server.key\"\n[lockout]\nmax_failures = 100\n\
              [[redis]]\nname = \"cache\"\nlisten = \"127.0.0.1:{port}\"\nupstream = \"127.0.0.1:{}\"\nusers_file = \"{d}/users.toml\"\n\
-             upstream_user = \"portcullis\"\nupstream_password_file = \"{d}/redis.pass\"\n",
+             upstream_user = \"portcullis\"\nupstream_password_file = \"{d}/redis.pass\"\n\
+             ttl = [ {{ pattern = \"key:*\", default = \"1h\", max = \"1d\" }} ]\n",
             r.port
         ),
     )
@@ -443,6 +444,14 @@ fn redis_cli_and_redis_benchmark_through_the_binary_without_leaking_secrets() {
     for t in ["SET:", "GET:", "INCR:", "LPUSH:"] {
         assert!(text.contains(t), "{t} in {text}");
     }
+    // redis-benchmark's keys ("key:…") fall under a TTL rule: they were all given one
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let ttl = rt.block_on(async {
+        let mut admin = RawRedis::direct_as("portcullis", &r.password).await;
+        admin.call(&["TTL", "key:__rand_int__"]).await
+    });
+    let ttl: i64 = String::from_utf8_lossy(&ttl[1..ttl.len() - 2]).parse().unwrap();
+    assert!((1..=3600).contains(&ttl), "benchmark key TTL {ttl}");
     // (redis-benchmark warns that it could not read CONFIG: denied by policy, as for a Redis ACL user)
     assert!(!text.contains("ERR") && !text.contains("NOPERM") && !text.contains("Error"), "{text}");
 

@@ -100,10 +100,10 @@ mod tests {
             (format!("{MIN}auth = \"ldap\"\n"), 9, "expected scram"),
             (
                 format!(
-                    "{MIN}[[redis]]\nname = \"r\"\nlisten = \"127.0.0.1:2\"\nupstream = \"r:6379\"\nusers_file = \"u\"\nttl = []\n"
+                    "{MIN}[[redis]]\nname = \"r\"\nlisten = \"127.0.0.1:2\"\nupstream = \"r:6379\"\nusers_file = \"u\"\nttl = [ {{ pattern = \"s:*\", default = \"2h\", max = \"1h\" }} ]\n"
                 ),
                 14,
-                "not supported",
+                "not above max",
             ),
             (
                 format!(

@@ -71,7 +71,31 @@ struct RawRedis {
     #[serde(default = "d_true")]
     redact_keys: bool,
     #[serde(default)]
-    ttl: Option<Spanned<toml::Value>>,
+    ttl: Vec<RawTtl>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTtl {
+    pattern: Spanned<String>,
+    default: Spanned<String>,
+    max: Spanned<String>,
+    #[serde(default)]
+    allow_scripts: bool,
+}
+
+/// One TTL rule of a Redis listener: keys matching `pattern` always expire.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TtlRule {
+    /// Redis glob over key names (first matching rule wins).
+    pub pattern: String,
+    /// TTL given to a matching key written without one.
+    pub default: Duration,
+    /// Longest TTL a matching key may get; longer ones are clamped.
+    pub max: Duration,
+    /// EVAL/FCALL on matching keys allowed (default false: a script could write them without
+    /// a TTL, out of the proxy's sight).
+    pub allow_scripts: bool,
 }
 
 /// The default Redis policy when neither the user nor the listener names one.
@@ -108,6 +132,8 @@ pub struct RedisListener {
     pub limits: crate::redis::codec::Limits,
     /// Audit keys as keyed hashes (default true).
     pub redact_keys: bool,
+    /// TTL rules, first match wins (default none).
+    pub ttl: Vec<TtlRule>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -560,8 +586,19 @@ impl RawConfig {
                 password_env: r.upstream_password_env,
                 allow: &r.allow,
             })?;
-            if let Some(t) = &r.ttl {
-                return Err(err(t.span(), "ttl rules are not supported by this build yet".into()));
+            let mut ttl = Vec::new();
+            for t in &r.ttl {
+                let default = dur(&t.default, file, src)?;
+                let max = dur(&t.max, file, src)?;
+                if default.as_secs() == 0 || max < default {
+                    return Err(err(t.default.span(), "ttl default must be at least 1s and not above max".into()));
+                }
+                ttl.push(TtlRule {
+                    pattern: t.pattern.get_ref().clone(),
+                    default,
+                    max,
+                    allow_scripts: t.allow_scripts,
+                });
             }
             let Some(users_file) = r.users_file else {
                 return Err(err(r.name.span(), "[[redis]] needs users_file".into()));
@@ -594,6 +631,7 @@ impl RawConfig {
                 upstream_tls: r.upstream_tls.map(|u| UpstreamTls { ca: u.ca, server_name: u.server_name }),
                 limits,
                 redact_keys: r.redact_keys,
+                ttl,
             });
         }
         if postgres.is_empty() && redis.is_empty() {

@@ -74,6 +74,49 @@ impl CommandInfo {
         CommandRef { name: &self.name, parent: self.parent(), categories: &self.categories, first_arg }
     }
 
+    /// Keys this call may create or re-create (for the TTL policy), from the key specs' flags
+    /// (OW, insert, update); None when they cannot be told.
+    pub fn written_keys<'a>(&self, args: &'a [Bytes]) -> Option<Vec<&'a [u8]>> {
+        if !self.has_flag("write") {
+            return Some(Vec::new());
+        }
+        if self.key_specs.is_empty() {
+            return match self.keys(args) {
+                Keys::Known(k) => Some(k),
+                Keys::Unresolvable => None,
+            };
+        }
+        let mut out = Vec::new();
+        for (i, spec) in self.key_specs.iter().enumerate() {
+            // Keys the command may create or re-create: overwritten (OW), or written with insert
+            // or update semantics. Sources that are only read or deleted are not.
+            let has = |f: &str| spec.flags.iter().any(|x| x.eq_ignore_ascii_case(f));
+            if has("not_key") || !(has("OW") || has("insert") || has("update")) {
+                continue;
+            }
+            let one = CommandInfo { key_specs: vec![self.key_specs[i].clone()], ..self.clone_shallow() };
+            match one.keys(args) {
+                Keys::Known(k) => out.extend(k),
+                Keys::Unresolvable => return None,
+            }
+        }
+        Some(out)
+    }
+
+    fn clone_shallow(&self) -> CommandInfo {
+        CommandInfo {
+            name: self.name.clone(),
+            arity: self.arity,
+            flags: self.flags.clone(),
+            categories: Vec::new(),
+            key_specs: Vec::new(),
+            first_key: self.first_key,
+            last_key: self.last_key,
+            step: self.step,
+            subcommands: HashMap::new(),
+        }
+    }
+
     /// The keys of a call `args` (args[0] is the command name), from the key specs, or the
     /// legacy (first, last, step) triple when there are none.
     pub fn keys<'a>(&self, args: &'a [Bytes]) -> Keys<'a> {

@@ -9,6 +9,7 @@ mod replies;
 mod route;
 mod scan;
 pub mod session;
+pub mod ttl;
 
 use std::sync::{Arc, RwLock};
 

@@ -31,6 +31,10 @@ pub(super) struct Batch {
     pub(super) reparse: bool,
 }
 
+fn now_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
+
 fn unknown_command(args: &[Bytes]) -> Bytes {
     let mut list = String::new();
     for a in args.iter().skip(1) {
@@ -193,6 +197,7 @@ impl Session {
             self.upstream_creds = None;
             self.in_multi = false;
             self.multi_dirty = false;
+            self.multi_inject.clear();
             self.preauth_commands = 0;
             self.rearm_auth_deadline();
             return true;
@@ -217,6 +222,34 @@ impl Session {
             self.deny(error_line(&d.message()), &name, first_key.as_deref());
             return false;
         }
+        // The TTL policy: rewrite, deny, or follow with EXPIRE … NX.
+        let plan = super::ttl::plan(info, args, &self.cfg.ttl, now_ms());
+        for (rule, action) in &plan.actions {
+            self.shared.metrics.redis_ttl(&self.cfg.name, rule, action.as_str());
+        }
+        if let Some(msg) = plan.deny {
+            let name = info.name.clone();
+            self.deny(error_line(&msg), &name, first_key.as_deref());
+            return false;
+        }
+        let injected: Vec<Vec<u8>> = plan
+            .inject
+            .iter()
+            .map(|(k, secs)| codec::encode_command(&[b"EXPIRE", k, secs.to_string().as_bytes(), b"NX"]))
+            .chain(
+                plan.clamp_after
+                    .iter()
+                    .map(|(k, secs)| codec::encode_command(&[b"EXPIRE", k, secs.to_string().as_bytes(), b"LT"])),
+            )
+            .collect();
+        if let Some(new_args) = plan.rewrite {
+            let v: Vec<&[u8]> = new_args.iter().map(Vec::as_slice).collect();
+            pieces.push(Piece::Owned(codec::encode_command(&v)));
+            self.expect(Slot::forward(1));
+            self.shared.metrics.redis_allowed(&self.cfg.name, 1);
+            self.queue_injections(injected, pieces);
+            return false;
+        }
         let argc = args.len() as u32;
         match info.name.as_str() {
             // A nested MULTI is an error upstream and leaves the transaction (and its dirt) as is.
@@ -227,14 +260,25 @@ impl Session {
             "exec" if self.in_multi && self.multi_dirty => {
                 self.in_multi = false;
                 self.multi_dirty = false;
+                self.multi_inject.clear();
                 pieces.push(Piece::Owned(b"*1\r\n$7\r\nDISCARD\r\n".to_vec()));
                 self.expect(Slot::swallow(1));
                 self.local(Bytes::from_static(EXECABORT));
                 return false;
             }
-            "exec" | "discard" => {
+            "exec" => {
                 self.in_multi = false;
                 self.multi_dirty = false;
+                // Keys written inside the transaction get their TTL right after EXEC.
+                self.expect(Slot::forward(1));
+                let pending = std::mem::take(&mut self.multi_inject);
+                self.queue_injections(pending, &mut Vec::new());
+                return true;
+            }
+            "discard" => {
+                self.in_multi = false;
+                self.multi_dirty = false;
+                self.multi_inject.clear();
             }
             "client|reply" => {
                 // Emulated, never forwarded: the upstream always answers, the proxy drops.
@@ -284,7 +328,30 @@ impl Session {
             _ => {}
         }
         self.expect(Slot::forward(1));
+        self.queue_injections(injected, &mut Vec::new());
         true
+    }
+
+    /// Queues `EXPIRE … NX` commands after the current request: swallowed replies, and the
+    /// bytes go right after the request's own (`pieces` when the request was rewritten, else
+    /// `inject_after`, which the batch loop appends after the raw bytes). Inside MULTI they wait
+    /// for EXEC.
+    fn queue_injections(&mut self, cmds: Vec<Vec<u8>>, pieces: &mut Vec<Piece>) {
+        if cmds.is_empty() {
+            return;
+        }
+        if self.in_multi {
+            self.multi_inject.extend(cmds);
+            return;
+        }
+        for c in cmds {
+            self.expect(Slot::swallow(1));
+            if pieces.is_empty() {
+                self.inject_after.push(c);
+            } else {
+                pieces.push(Piece::Owned(c));
+            }
+        }
     }
 
     /// Handles every complete request in `cbuf`.
@@ -361,6 +428,7 @@ impl Session {
                 Some(Piece::Raw(r)) if r.end == req.raw.start => r.end = req.raw.end,
                 _ => pieces.push(Piece::Raw(req.raw.clone())),
             }
+            pieces.extend(self.inject_after.drain(..).map(Piece::Owned));
         }
         self.shared.metrics.redis_allowed(&self.cfg.name, allowed);
         if let Some(e) = perr {

@@ -85,6 +85,10 @@ pub(super) struct Session {
     pub(super) quitting: bool,
     /// The request being handled gets no visible reply (CLIENT REPLY OFF, or SKIP).
     pub(super) hide_current: bool,
+    /// `EXPIRE … NX` commands (TTL policy) to send right after the current request's bytes.
+    pub(super) inject_after: Vec<Vec<u8>>,
+    /// The same, collected inside MULTI: sent right after EXEC (outside the transaction).
+    pub(super) multi_inject: Vec<Vec<u8>>,
     /// A multibulk request still arriving (resumes parsing where the last read stopped).
     pub(super) partial: Option<super::codec::Partial>,
     /// Until when an unauthenticated client may stay (TLS + login; again after RESET).
@@ -129,6 +133,8 @@ pub async fn handle(acc: Accepted, l: Arc<RedisListener>, shared: Arc<Shared>) {
         preauth_commands: 0,
         quitting: false,
         hide_current: false,
+        inject_after: Vec::new(),
+        multi_inject: Vec::new(),
         partial: None,
         auth_deadline: Some(deadline),
         up_bytes: 0,
