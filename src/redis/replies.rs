@@ -30,6 +30,9 @@ pub(super) enum Effect {
     /// The proxy's own AUTH upstream (re-authentication): an error reply means the session
     /// can no longer be trusted to run as the new user (`auth_rejected`).
     AuthCheck,
+    /// EXEC of a transaction the proxy added commands to: its array loses their results (the
+    /// mask is the next in `exec_masks`).
+    ExecStrip,
 }
 
 /// What one request expects back.
@@ -88,6 +91,34 @@ pub(super) struct Replies {
     pub(super) auth_rejected: bool,
     /// Where the reply being read stands (resumable across reads).
     scanner: super::scan::Scanner,
+    /// Keep-masks of pending `ExecStrip` EXECs, in order.
+    exec_masks: VecDeque<Vec<bool>>,
+}
+
+/// EXEC's array without the elements `mask` says to drop; None when the reply is not an array
+/// of exactly `mask.len()` elements (nil after WATCH, EXECABORT, ...): then it goes as is.
+fn strip_exec(frame: &[u8], mask: &[bool]) -> Option<Bytes> {
+    if frame.first() != Some(&b'*') {
+        return None;
+    }
+    let eol = frame.windows(2).position(|w| w == b"\r\n")?;
+    let n: usize = std::str::from_utf8(&frame[1..eol]).ok()?.parse().ok()?;
+    if n != mask.len() {
+        return None;
+    }
+    let body = &frame[eol + 2..];
+    let mut scanner = super::scan::Scanner::default();
+    let mut out = format!("*{}\r\n", mask.iter().filter(|k| **k).count()).into_bytes();
+    let mut pos = 0;
+    for keep in mask {
+        let (start, end, _) = scanner.next(body, true).ok()??;
+        debug_assert_eq!(start, pos);
+        if *keep {
+            out.extend_from_slice(&body[start..end]);
+        }
+        pos = end;
+    }
+    (pos == body.len()).then(|| Bytes::from(out))
 }
 
 fn is_message(kind: &str) -> bool {
@@ -132,6 +163,11 @@ fn sub_reply_parts(frame: &[u8], resp3: bool) -> Option<(String, Option<Vec<u8>>
 }
 
 impl Replies {
+    /// Registers the keep-mask for the next `ExecStrip` slot.
+    pub(super) fn expect_exec_mask(&mut self, mask: Vec<bool>) {
+        self.exec_masks.push_back(mask);
+    }
+
     /// Adds a request's slot.
     pub(super) fn push(&mut self, slot: Slot) {
         if let Slot::Forward { n: 0, .. } = slot {
@@ -221,6 +257,19 @@ impl Replies {
                 self.track(&k, ch);
             }
             match self.queue.front_mut() {
+                Some(Slot::Forward { n, effect: Effect::ExecStrip, visible, .. }) => {
+                    let mask = self.exec_masks.pop_front().unwrap_or_default();
+                    if *visible {
+                        match strip_exec(&buf[frame.clone()], &mask) {
+                            Some(stripped) => out.push(Out::Local(stripped)),
+                            None => out.push(Out::Upstream(frame)),
+                        }
+                    }
+                    *n -= 1;
+                    if *n == 0 {
+                        self.queue.pop_front();
+                    }
+                }
                 Some(Slot::Forward { n, effect, visible, sub }) => {
                     if *visible {
                         out.push(Out::Upstream(frame));
@@ -352,6 +401,20 @@ mod tests {
         assert_eq!(got.len(), 4);
         assert_eq!(got[1], b"-ERR unknown\r\n");
         assert!(r.idle() && r.subscribed());
+    }
+
+    #[test]
+    fn exec_array_loses_the_proxys_own_results() {
+        let mut r = Replies::default();
+        r.expect_exec_mask(vec![true, false, true]);
+        r.push(Slot::Forward { n: 1, effect: Effect::ExecStrip, visible: true, sub: false });
+        let got = run(&mut r, b"*3\r\n:1\r\n:1\r\n*2\r\n$1\r\na\r\n$1\r\nb\r\n");
+        assert_eq!(got, vec![b"*2\r\n:1\r\n*2\r\n$1\r\na\r\n$1\r\nb\r\n".to_vec()]);
+        // a nil EXEC (WATCH) passes unchanged and still uses up its mask
+        r.expect_exec_mask(vec![false]);
+        r.push(Slot::Forward { n: 1, effect: Effect::ExecStrip, visible: true, sub: false });
+        assert_eq!(run(&mut r, b"*-1\r\n"), vec![b"*-1\r\n".to_vec()]);
+        assert!(r.idle() && r.exec_masks.is_empty());
     }
 
     #[test]

@@ -197,7 +197,7 @@ impl Session {
             self.upstream_creds = None;
             self.in_multi = false;
             self.multi_dirty = false;
-            self.multi_inject.clear();
+            self.multi_mask.clear();
             self.preauth_commands = 0;
             self.rearm_auth_deadline();
             return true;
@@ -246,6 +246,9 @@ impl Session {
             let v: Vec<&[u8]> = new_args.iter().map(Vec::as_slice).collect();
             pieces.push(Piece::Owned(codec::encode_command(&v)));
             self.expect(Slot::forward(1));
+            if self.in_multi {
+                self.multi_mask.push(true);
+            }
             self.shared.metrics.redis_allowed(&self.cfg.name, 1);
             self.queue_injections(injected, pieces);
             return false;
@@ -260,7 +263,7 @@ impl Session {
             "exec" if self.in_multi && self.multi_dirty => {
                 self.in_multi = false;
                 self.multi_dirty = false;
-                self.multi_inject.clear();
+                self.multi_mask.clear();
                 pieces.push(Piece::Owned(b"*1\r\n$7\r\nDISCARD\r\n".to_vec()));
                 self.expect(Slot::swallow(1));
                 self.local(Bytes::from_static(EXECABORT));
@@ -269,16 +272,18 @@ impl Session {
             "exec" => {
                 self.in_multi = false;
                 self.multi_dirty = false;
-                // Keys written inside the transaction get their TTL right after EXEC.
-                self.expect(Slot::forward(1));
-                let pending = std::mem::take(&mut self.multi_inject);
-                self.queue_injections(pending, &mut Vec::new());
-                return true;
+                let mask = std::mem::take(&mut self.multi_mask);
+                if mask.iter().any(|keep| !keep) {
+                    // The proxy's EXPIREs ran inside the transaction: drop their results.
+                    self.replies.expect_exec_mask(mask);
+                    self.expect(Slot::Forward { n: 1, effect: Effect::ExecStrip, visible: true, sub: false });
+                    return true;
+                }
             }
             "discard" => {
                 self.in_multi = false;
                 self.multi_dirty = false;
-                self.multi_inject.clear();
+                self.multi_mask.clear();
             }
             "client|reply" => {
                 // Emulated, never forwarded: the upstream always answers, the proxy drops.
@@ -328,23 +333,22 @@ impl Session {
             _ => {}
         }
         self.expect(Slot::forward(1));
+        if self.in_multi && info.name != "multi" {
+            self.multi_mask.push(true);
+        }
         self.queue_injections(injected, &mut Vec::new());
         true
     }
 
-    /// Queues `EXPIRE … NX` commands after the current request: swallowed replies, and the
-    /// bytes go right after the request's own (`pieces` when the request was rewritten, else
-    /// `inject_after`, which the batch loop appends after the raw bytes). Inside MULTI they wait
-    /// for EXEC.
+    /// Queues `EXPIRE … NX` commands after the current request: swallowed replies (`+QUEUED`
+    /// inside MULTI, whose EXEC array then loses their results), and the bytes go right after
+    /// the request's own (`pieces` when the request was rewritten, else `inject_after`, which
+    /// the batch loop appends after the raw bytes).
     fn queue_injections(&mut self, cmds: Vec<Vec<u8>>, pieces: &mut Vec<Piece>) {
-        if cmds.is_empty() {
-            return;
-        }
-        if self.in_multi {
-            self.multi_inject.extend(cmds);
-            return;
-        }
         for c in cmds {
+            if self.in_multi {
+                self.multi_mask.push(false);
+            }
             self.expect(Slot::swallow(1));
             if pieces.is_empty() {
                 self.inject_after.push(c);

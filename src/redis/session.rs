@@ -87,8 +87,9 @@ pub(super) struct Session {
     pub(super) hide_current: bool,
     /// `EXPIRE … NX` commands (TTL policy) to send right after the current request's bytes.
     pub(super) inject_after: Vec<Vec<u8>>,
-    /// The same, collected inside MULTI: sent right after EXEC (outside the transaction).
-    pub(super) multi_inject: Vec<Vec<u8>>,
+    /// Inside MULTI, one entry per command queued upstream: true for the client's own, false
+    /// for the proxy's EXPIREs (their results are removed from EXEC's array).
+    pub(super) multi_mask: Vec<bool>,
     /// A multibulk request still arriving (resumes parsing where the last read stopped).
     pub(super) partial: Option<super::codec::Partial>,
     /// Until when an unauthenticated client may stay (TLS + login; again after RESET).
@@ -134,7 +135,7 @@ pub async fn handle(acc: Accepted, l: Arc<RedisListener>, shared: Arc<Shared>) {
         quitting: false,
         hide_current: false,
         inject_after: Vec::new(),
-        multi_inject: Vec::new(),
+        multi_mask: Vec::new(),
         partial: None,
         auth_deadline: Some(deadline),
         up_bytes: 0,
