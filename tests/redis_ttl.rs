@@ -53,8 +53,22 @@ async fn every_family_ends_with_a_bounded_ttl() {
     assert_eq!(c.read(false).await, b"+QUEUED\r\n");
     assert_eq!(c.read(false).await, b"*1\r\n:1\r\n");
     assert_eq!(c.call(&["PING"]).await, b"+PONG\r\n", "the injected EXPIRE's reply never reaches the client");
+    // CLIENT REPLY OFF: the injected EXPIRE's reply is swallowed all the same
+    c.send_raw(
+        &[
+            cmd(&[b"CLIENT", b"REPLY", b"OFF"]),
+            cmd(&[b"HSET", b"session:off", b"f", b"v"]),
+            cmd(&[b"CLIENT", b"REPLY", b"ON"]),
+            cmd(&[b"PING"]),
+        ]
+        .concat(),
+    )
+    .await;
+    assert_eq!(c.read(false).await, b"+OK\r\n");
+    assert_eq!(c.read(false).await, b"+PONG\r\n");
     let mut admin = RawRedis::direct_to(own.port, "portcullis", &own.password).await;
     for (key, lo, hi) in [
+        ("session:off", 1, 1800),
         ("session:a", 1, 1800),
         ("session:b", 86_000, 86_400),
         ("session:k", 1, 1800),

@@ -250,6 +250,17 @@ pub fn lint(cfg: &Config) -> Vec<Finding> {
                 format!("listener {n:?}: no upstream credentials: the upstream Redis accepts unauthenticated clients"),
             );
         }
+        for t in r.ttl.iter().filter(|t| t.allow_scripts) {
+            add(
+                out,
+                "PC022",
+                Severity::Warning,
+                format!(
+                    "listener {n:?}: ttl rule {:?} allows scripts, which can write its keys without a TTL",
+                    t.pattern
+                ),
+            );
+        }
         let d = dangerous_allowed(&r.default_rules);
         if !d.is_empty() {
             add(
