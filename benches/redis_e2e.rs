@@ -54,4 +54,22 @@ fn main() {
             );
         }
     }
+    // The TTL policy's cost: pipelined writes through a proxy whose rule matches
+    // redis-benchmark's keys ("key:*" and "mylist": SET gets EX appended, LPUSH is followed by
+    // EXPIRE NX) vs one whose rule matches nothing.
+    let limits = "[limits]\nmax_connections_per_source = 10000\n";
+    let matching = rt.block_on(redis_proxy(
+        limits,
+        "ttl = [ { pattern = \"key:*\", default = \"30m\", max = \"24h\" }, { pattern = \"mylist\", default = \"30m\", max = \"24h\" } ]",
+    ));
+    let other =
+        rt.block_on(redis_proxy(limits, "ttl = [ { pattern = \"nomatch:*\", default = \"30m\", max = \"24h\" } ]"));
+    let args = ["-t", "set,lpush", "-c", "50", "-n", n.as_str(), "-P", "16"];
+    let o = bench(other.redis_port(), true, "app", REDIS_APP_PW, &args);
+    let m = bench(matching.redis_port(), true, "app", REDIS_APP_PW, &args);
+    println!();
+    println!("{:<34} {:>14} {:>14}", "TTL policy, pipeline 16", "non-matching", "matching");
+    for ((name, a), (_, b)) in o.iter().zip(&m) {
+        println!("{name:<34} {a:>14.0} {b:>14.0}   ({:+.1}%)", (b / a - 1.0) * 100.0);
+    }
 }

@@ -66,8 +66,25 @@ async fn every_family_ends_with_a_bounded_ttl() {
     .await;
     assert_eq!(c.read(false).await, b"+OK\r\n");
     assert_eq!(c.read(false).await, b"+PONG\r\n");
+    // inline requests get their EXPIRE too, in order
+    c.send_raw(b"HSET session:inline f v\r\nPING\r\n").await;
+    assert_eq!(c.read(false).await, b":1\r\n");
+    assert_eq!(c.read(false).await, b"+PONG\r\n");
+    // MULTI with a WATCH inside (run at once by Redis, not queued): EXEC still loses only the
+    // proxy's results
+    c.send_raw(
+        &[cmd(&[b"MULTI"]), cmd(&[b"WATCH", b"x"]), cmd(&[b"HSET", b"session:w", b"f", b"v"]), cmd(&[b"EXEC"])]
+            .concat(),
+    )
+    .await;
+    assert_eq!(c.read(false).await, b"+OK\r\n");
+    assert!(c.read(false).await.starts_with(b"-ERR"));
+    assert_eq!(c.read(false).await, b"+QUEUED\r\n");
+    assert_eq!(c.read(false).await, b"*1\r\n:1\r\n");
     let mut admin = RawRedis::direct_to(own.port, "portcullis", &own.password).await;
     for (key, lo, hi) in [
+        ("session:inline", 1, 1800),
+        ("session:w", 1, 1800),
         ("session:off", 1, 1800),
         ("session:a", 1, 1800),
         ("session:b", 86_000, 86_400),

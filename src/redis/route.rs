@@ -333,7 +333,8 @@ impl Session {
             _ => {}
         }
         self.expect(Slot::forward(1));
-        if self.in_multi && info.name != "multi" {
+        // Queued upstream (MULTI itself and WATCH are run at once, not queued).
+        if self.in_multi && info.name != "multi" && info.name != "watch" {
             self.multi_mask.push(true);
         }
         self.queue_injections(injected, &mut Vec::new());
@@ -360,6 +361,9 @@ impl Session {
 
     /// Handles every complete request in `cbuf`.
     pub(super) async fn on_client(&mut self, cbuf: &mut BytesMut, up: &mut Option<Stream>) -> Batch {
+        // Reloaded listener policy (default rules, TTL rules, limits) applies to open sessions
+        // from their next batch on.
+        self.cfg = self.l.config();
         let mut reqs = Vec::new();
         let mut at = 0;
         let mut perr: Option<ProtocolError> = None;
@@ -426,6 +430,7 @@ impl Session {
                 // Redis would tokenize an inline request again: send exactly what was decided on.
                 let v: Vec<&[u8]> = args.iter().map(|a| a.as_ref()).collect();
                 pieces.push(Piece::Owned(codec::encode_command(&v)));
+                pieces.extend(self.inject_after.drain(..).map(Piece::Owned));
                 continue;
             }
             match pieces.last_mut() {

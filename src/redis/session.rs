@@ -183,14 +183,31 @@ async fn read_opt<S: AsyncRead + Unpin>(s: &mut Option<S>, buf: &mut BytesMut) -
 /// Sends a batch's pieces upstream with one flush; returns the client bytes forwarded.
 async fn send_upstream(up: &mut Stream, bytes: &Bytes, pieces: &[Piece]) -> std::io::Result<u64> {
     let mut n = 0;
-    for p in pieces {
-        match p {
-            Piece::Raw(r) => {
-                up.write_all(&bytes[r.clone()]).await?;
-                n += r.len() as u64;
+    if let [Piece::Raw(r)] = pieces {
+        // The common case: one run of original bytes, written as they are.
+        up.write_all(&bytes[r.clone()]).await?;
+        n = r.len() as u64;
+    } else {
+        // Several pieces (rewrites, the proxy's own commands): one buffer, one write.
+        let mut out = Vec::with_capacity(
+            pieces
+                .iter()
+                .map(|p| match p {
+                    Piece::Raw(r) => r.len(),
+                    Piece::Owned(v) => v.len(),
+                })
+                .sum(),
+        );
+        for p in pieces {
+            match p {
+                Piece::Raw(r) => {
+                    out.extend_from_slice(&bytes[r.clone()]);
+                    n += r.len() as u64;
+                }
+                Piece::Owned(v) => out.extend_from_slice(v),
             }
-            Piece::Owned(v) => up.write_all(v).await?,
         }
+        up.write_all(&out).await?;
     }
     up.flush().await?;
     Ok(n)

@@ -68,21 +68,40 @@ fn s(n: i64) -> Vec<u8> {
     n.to_string().into_bytes()
 }
 
-/// Clamps an expiry argument `args[i]` of the given unit; returns true when changed.
-fn clamp(out: &mut [Vec<u8>], i: usize, unit: Unit, rule: &TtlRule, now_ms: u64) -> bool {
+/// Clamps an expiry argument `out[i]` of the given unit; returns true when changed. An absolute
+/// time beyond the limit becomes the relative `max` (so Redis's clock, not the proxy's, counts):
+/// the option or command name at `name_at` is switched to its relative form. Values Redis would
+/// reject (overflow) are left for Redis to reject.
+fn clamp(out: &mut [Vec<u8>], i: usize, unit: Unit, rule: &TtlRule, now_ms: u64, name_at: Option<usize>) -> bool {
     let Some(v) = out.get(i).and_then(|a| int(a)) else { return false };
     let (max_s, max_ms) = (rule.max.as_secs() as i64, rule.max.as_millis() as i64);
-    let limit = match unit {
-        Unit::Secs => max_s,
-        Unit::Millis => max_ms,
-        Unit::UnixSecs => (now_ms / 1000) as i64 + max_s,
-        Unit::UnixMillis => now_ms as i64 + max_ms,
+    let (limit, redis_accepts) = match unit {
+        Unit::Secs => (max_s, v <= i64::MAX / 1000),
+        Unit::Millis => (max_ms, v <= i64::MAX - now_ms as i64),
+        Unit::UnixSecs => ((now_ms / 1000) as i64 + max_s, v <= i64::MAX / 1000),
+        Unit::UnixMillis => (now_ms as i64 + max_ms, true),
     };
-    if v > limit {
-        out[i] = s(limit);
-        true
-    } else {
-        false
+    if v <= limit || !redis_accepts {
+        return false;
+    }
+    match (unit, name_at) {
+        (Unit::UnixSecs | Unit::UnixMillis, Some(n)) => {
+            let relative = relative_name(&out[n], matches!(unit, Unit::UnixSecs));
+            out[n] = relative;
+            out[i] = s(if matches!(unit, Unit::UnixSecs) { max_s } else { max_ms });
+        }
+        _ => out[i] = s(limit),
+    }
+    true
+}
+
+/// EXAT → EX, PXAT → PX, EXPIREAT → EXPIRE, PEXPIREAT → PEXPIRE (keeping the caller's case style).
+fn relative_name(name: &[u8], secs: bool) -> Vec<u8> {
+    match cstr_lower(name).as_str() {
+        "expireat" => b"EXPIRE".to_vec(),
+        "pexpireat" => b"PEXPIRE".to_vec(),
+        _ if secs => b"EX".to_vec(),
+        _ => b"PX".to_vec(),
     }
 }
 
@@ -118,20 +137,23 @@ pub fn plan(info: &CommandInfo, args: &[Bytes], rules: &[TtlRule], now_ms: u64) 
         "set" => {
             let Some(r) = key_rule(1) else { return p };
             let mut out = owned();
-            let mut expiry = false;
+            let opts: Vec<String> = out.iter().skip(3).map(|a| cstr_lower(a)).collect();
+            let explicit = opts.iter().filter(|o| unit_of(o).is_some()).count();
+            let keepttl = opts.iter().filter(|o| *o == "keepttl").count();
+            if keepttl > 0 && explicit > 0 {
+                return p; // Redis rejects the combination: let it.
+            }
             let mut i = 3;
             while i < out.len() {
                 let opt = cstr_lower(&out[i]);
                 if opt == "keepttl" {
                     out.splice(i..=i, [b"EX".to_vec(), s(default_s(r))]);
                     note(&mut p, r, TtlAction::Appended);
-                    expiry = true;
                     i += 2;
                     continue;
                 }
                 if let Some(u) = unit_of(&opt) {
-                    expiry = true;
-                    if clamp(&mut out, i + 1, u, r, now_ms) {
+                    if clamp(&mut out, i + 1, u, r, now_ms, Some(i)) {
                         note(&mut p, r, TtlAction::Clamped);
                     }
                     i += 2;
@@ -139,7 +161,7 @@ pub fn plan(info: &CommandInfo, args: &[Bytes], rules: &[TtlRule], now_ms: u64) 
                 }
                 i += 1;
             }
-            if !expiry {
+            if explicit == 0 && keepttl == 0 {
                 out.push(b"EX".to_vec());
                 out.push(s(default_s(r)));
                 note(&mut p, r, TtlAction::Appended);
@@ -157,7 +179,7 @@ pub fn plan(info: &CommandInfo, args: &[Bytes], rules: &[TtlRule], now_ms: u64) 
                 _ => Unit::UnixMillis,
             };
             let mut out = owned();
-            if clamp(&mut out, 2, unit, r, now_ms) {
+            if clamp(&mut out, 2, unit, r, now_ms, Some(0)) {
                 note(&mut p, r, TtlAction::Clamped);
                 p.rewrite = Some(out);
             }
@@ -165,6 +187,10 @@ pub fn plan(info: &CommandInfo, args: &[Bytes], rules: &[TtlRule], now_ms: u64) 
         "getex" => {
             let Some(r) = key_rule(1) else { return p };
             let mut out = owned();
+            let opts: Vec<String> = out.iter().skip(2).map(|a| cstr_lower(a)).collect();
+            if opts.iter().filter(|o| unit_of(o).is_some() || *o == "persist").count() > 1 {
+                return p; // Redis rejects more than one expiry option: let it.
+            }
             let mut i = 2;
             while i < out.len() {
                 let opt = cstr_lower(&out[i]);
@@ -173,7 +199,7 @@ pub fn plan(info: &CommandInfo, args: &[Bytes], rules: &[TtlRule], now_ms: u64) 
                     note(&mut p, r, TtlAction::Appended);
                     i += 2;
                 } else if let Some(u) = unit_of(&opt) {
-                    if clamp(&mut out, i + 1, u, r, now_ms) {
+                    if clamp(&mut out, i + 1, u, r, now_ms, Some(i)) {
                         note(&mut p, r, TtlAction::Clamped);
                     }
                     i += 2;
@@ -188,22 +214,36 @@ pub fn plan(info: &CommandInfo, args: &[Bytes], rules: &[TtlRule], now_ms: u64) 
         "restore" => {
             let Some(r) = key_rule(1) else { return p };
             let mut out = owned();
-            let abs = out.iter().skip(4).any(|a| cstr_lower(a) == "absttl");
+            let abs = out.iter().skip(4).position(|a| cstr_lower(a) == "absttl").map(|i| i + 4);
+            let max_ms = r.max.as_millis() as i64;
             match out.get(2).and_then(|a| int(a)) {
                 Some(0) => {
-                    out[2] = if abs {
-                        s(now_ms as i64 + r.default.as_millis() as i64)
-                    } else {
-                        s(r.default.as_millis() as i64)
-                    };
+                    out[2] = s(r.default.as_millis() as i64);
+                    if let Some(i) = abs {
+                        out.remove(i);
+                    }
                     note(&mut p, r, TtlAction::Appended);
                     p.rewrite = Some(out);
                 }
-                Some(_) if clamp(&mut out, 2, if abs { Unit::UnixMillis } else { Unit::Millis }, r, now_ms) => {
+                Some(v) if (abs.is_some() && v > now_ms as i64 + max_ms) || (abs.is_none() && v > max_ms) => {
+                    out[2] = s(max_ms);
+                    if let Some(i) = abs {
+                        out.remove(i);
+                    }
                     note(&mut p, r, TtlAction::Clamped);
                     p.rewrite = Some(out);
                 }
                 _ => {}
+            }
+        }
+        "move" => {
+            // MOVE carries a key to another DB, beyond the EXPIREs the proxy sends in this one.
+            if let Some(r) = key_rule(1) {
+                note(&mut p, r, TtlAction::Denied);
+                p.deny = Some(format!(
+                    "-NOPERM MOVE is refused: the key is under the TTL policy '{}' (keys must expire)",
+                    r.pattern
+                ));
             }
         }
         "persist" => {
@@ -238,6 +278,20 @@ pub fn plan(info: &CommandInfo, args: &[Bytes], rules: &[TtlRule], now_ms: u64) 
                 }
             }
             Some(keys) => {
+                let governed = keys.iter().find_map(|k| rule_for(rules, k));
+                if let Some(r) = governed {
+                    // COPY … DB n writes in another DB, beyond the EXPIREs sent in this one; a
+                    // blocking write may complete after this client is gone, before its EXPIRE.
+                    let other_db = info.name == "copy" && args.iter().skip(3).any(|a| cstr_lower(a) == "db");
+                    if other_db || info.has_flag("blocking") {
+                        note(&mut p, r, TtlAction::Denied);
+                        p.deny = Some(format!(
+                            "-NOPERM '{}' is refused here: a key under the TTL policy '{}' could be written without an expiry",
+                            info.name, r.pattern
+                        ));
+                        return p;
+                    }
+                }
                 let carries_ttl = matches!(info.name.as_str(), "rename" | "renamenx" | "copy");
                 for k in keys {
                     if let Some(r) = rule_for(rules, k)
@@ -302,7 +356,9 @@ mod tests {
         assert_eq!(rewritten("SET session:1 v EX 999999").as_deref(), Some("SET session:1 v EX 86400"));
         assert_eq!(rewritten("SET session:1 v px 999999999").as_deref(), Some("SET session:1 v px 86400000"));
         let exat = format!("SET session:1 v EXAT {}", NOW / 1000 + 10 * 86400);
-        assert_eq!(rewritten(&exat), Some(format!("SET session:1 v EXAT {}", NOW / 1000 + 86400)));
+        assert_eq!(rewritten(&exat).as_deref(), Some("SET session:1 v EX 86400"), "relative: Redis's clock counts");
+        assert_eq!(rewritten("SET session:1 v EX 10 KEEPTTL"), None, "Redis rejects it; so be it");
+        assert_eq!(rewritten("SET session:1 v EX 9223372036854775807"), None, "Redis rejects the overflow");
         assert_eq!(rewritten("SET session:1 v KEEPTTL").as_deref(), Some("SET session:1 v EX 1800"));
         assert_eq!(rewritten("SET other:1 v"), None);
         assert_eq!(rewritten("SET chat:9 v").as_deref(), Some("SET chat:9 v EX 604800"));
@@ -316,11 +372,23 @@ mod tests {
         assert_eq!(rewritten("EXPIRE session:1 999999 GT").as_deref(), Some("EXPIRE session:1 86400 GT"));
         assert_eq!(rewritten("PEXPIRE session:1 86400001").as_deref(), Some("PEXPIRE session:1 86400000"));
         let at = format!("EXPIREAT session:1 {}", NOW / 1000 + 2 * 86400);
-        assert_eq!(rewritten(&at), Some(format!("EXPIREAT session:1 {}", NOW / 1000 + 86400)));
+        assert_eq!(rewritten(&at).as_deref(), Some("EXPIRE session:1 86400"));
+        assert_eq!(rewritten("GETEX session:1 EX 10 PERSIST"), None);
         assert_eq!(rewritten("GETEX session:1 PERSIST").as_deref(), Some("GETEX session:1 EX 1800"));
         assert_eq!(rewritten("GETEX session:1 EX 999999").as_deref(), Some("GETEX session:1 EX 86400"));
         assert_eq!(rewritten("RESTORE session:1 0 payload").as_deref(), Some("RESTORE session:1 1800000 payload"));
         assert_eq!(rewritten("EXPIRE other 999999"), None);
+    }
+
+    #[test]
+    fn moves_across_dbs_and_blocking_writes_are_refused() {
+        assert!(run("MOVE session:1 1").deny.is_some());
+        assert!(run("MOVE other 1").deny.is_none());
+        assert!(run("COPY other session:1 DB 1").deny.is_some());
+        assert!(run("COPY other session:1").deny.is_none());
+        assert!(run("BLMOVE src session:1 LEFT RIGHT 0").deny.is_some());
+        assert!(run("BLMOVE src other LEFT RIGHT 0").deny.is_none());
+        assert!(run("BLPOP session:1 0").deny.is_none(), "a pop creates nothing");
     }
 
     #[test]
