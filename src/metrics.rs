@@ -270,7 +270,8 @@ impl Metrics {
         self.connections_active.with_label_values(&[listener, protocol.as_str()])
     }
 
-    /// A TLS handshake finished (`version` is "TLSv1.3" etc. or "none" on failure).
+    /// A TLS handshake finished (`version` is "TLSv1.3" etc., "none" when the handshake failed,
+    /// "plaintext" when the client spoke plaintext to a TLS listener).
     pub fn tls_handshake(&self, listener: &str, version: &'static str, ok: bool) {
         self.tls_handshakes_total.with_label_values(&[listener, version, if ok { "success" } else { "failure" }]).inc();
     }

@@ -300,7 +300,7 @@ impl Session {
                     if served.is_none() && self.cfg.tls == ListenerTls::Required {
                         self.user = Some(startup.user.clone());
                         self.refuse(&mut r.io, PgRefusal::TlsRequired).await;
-                        self.shared.metrics.tls_handshake(&self.cfg.name, "none", false);
+                        self.shared.metrics.tls_handshake(&self.cfg.name, "plaintext", false);
                         self.audit(Event::ConnRejected, "refused", Some("plaintext"));
                         return Err(ConnOutcome::TlsFailed);
                     }

@@ -258,7 +258,7 @@ impl Session {
                 let mut tcp = tcp;
                 let _ = tcp.write_all(TLS_REQUIRED).await;
                 let _ = tcp.shutdown().await;
-                self.shared.metrics.tls_handshake(&self.cfg.name, "none", false);
+                self.shared.metrics.tls_handshake(&self.cfg.name, "plaintext", false);
                 self.audit(Event::ConnRejected, "refused", Some("plaintext"));
                 return Err(ConnOutcome::TlsFailed);
             }
