@@ -12,6 +12,8 @@ FROM gcr.io/distroless/cc-debian12:nonroot
 COPY --from=build /src/target/release/portcullis /usr/local/bin/portcullis
 COPY config/container.toml /etc/portcullis/portcullis.toml
 USER 65532:65532
-EXPOSE 6432 9898
+EXPOSE 6432 6380 9898
+HEALTHCHECK --interval=10s --timeout=3s --retries=3 \
+  CMD ["/usr/local/bin/portcullis", "health", "--config", "/etc/portcullis/portcullis.toml"]
 ENTRYPOINT ["/usr/local/bin/portcullis"]
 CMD ["run", "--config", "/etc/portcullis/portcullis.toml"]

@@ -32,6 +32,19 @@ enum Cmd {
         /// Config file.
         #[arg(long, short, default_value = "config/dev.toml")]
         config: PathBuf,
+        /// Lint the config alone: do not read the certificate, users and secret files it names
+        /// (for config templates checked in CI).
+        #[arg(long)]
+        offline: bool,
+    },
+    /// Probe a running proxy's admin endpoint (container HEALTHCHECK): exit 0 when healthy.
+    Health {
+        /// Config file (its `[admin] listen` is probed).
+        #[arg(long, short, default_value = "config/dev.toml")]
+        config: PathBuf,
+        /// Probe /readyz instead of /healthz.
+        #[arg(long)]
+        ready: bool,
     },
     /// Development certificates.
     Certs {
@@ -103,6 +116,20 @@ fn read_password() -> anyhow::Result<String> {
     Ok(pw)
 }
 
+/// GET `path` on the admin endpoint; the HTTP status. (A status line is all a probe needs.)
+fn probe(addr: std::net::SocketAddr, path: &str) -> anyhow::Result<u16> {
+    use std::io::{Read, Write};
+    let timeout = std::time::Duration::from_secs(3);
+    let mut s = std::net::TcpStream::connect_timeout(&addr, timeout)?;
+    s.set_read_timeout(Some(timeout))?;
+    s.set_write_timeout(Some(timeout))?;
+    write!(s, "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")?;
+    let mut head = [0u8; 32];
+    let n = s.read(&mut head)?;
+    let line = String::from_utf8_lossy(&head[..n]);
+    line.split_whitespace().nth(1).and_then(|c| c.parse().ok()).context("not an HTTP response")
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match real_main(cli) {
@@ -123,7 +150,7 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
             rt.block_on(portcullis::app::run(cfg))?;
             Ok(ExitCode::SUCCESS)
         }
-        Cmd::Check { config } => {
+        Cmd::Check { config, offline } => {
             let cfg = match portcullis::config::load(&config) {
                 Ok(c) => c,
                 Err(e) => {
@@ -132,7 +159,11 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
                     return Ok(ExitCode::from(1));
                 }
             };
-            let findings = portcullis::config::lint::lint(&cfg);
+            let findings = if offline {
+                portcullis::config::lint::lint_offline(&cfg)
+            } else {
+                portcullis::config::lint::lint(&cfg)
+            };
             for f in &findings {
                 println!("{f}");
             }
@@ -165,6 +196,25 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
                 }
             }
             Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Health { config, ready } => {
+            let cfg = portcullis::config::load(&config)?;
+            let mut addr = cfg.admin_listen;
+            if addr.ip().is_unspecified() {
+                addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+            }
+            let path = if ready { "/readyz" } else { "/healthz" };
+            match probe(addr, path) {
+                Ok(200) => Ok(ExitCode::SUCCESS),
+                Ok(status) => {
+                    eprintln!("portcullis health: {path} answered {status}");
+                    Ok(ExitCode::from(1))
+                }
+                Err(e) => {
+                    eprintln!("portcullis health: {addr}: {e}");
+                    Ok(ExitCode::from(1))
+                }
+            }
         }
         Cmd::Demo { config } => {
             init_tracing();

@@ -172,6 +172,18 @@ fn psql_pgbench_promtool_signals_and_no_secret_in_logs() {
         String::from_utf8_lossy(&out.stderr)
     );
 
+    // `portcullis health` (the container HEALTHCHECK) probes the admin endpoint
+    let health = |extra: &[&str]| {
+        Command::new(BIN)
+            .args(["health", "--config"])
+            .arg(p.dir_path.join("portcullis.toml"))
+            .args(extra)
+            .status()
+            .unwrap()
+    };
+    assert!(health(&[]).success());
+    assert!(health(&["--ready"]).success());
+
     // SIGHUP reload with a broken config: refused, old config keeps serving
     let cfg_path = p.dir_path.join("portcullis.toml");
     let good = std::fs::read_to_string(&cfg_path).unwrap();
@@ -209,6 +221,7 @@ fn psql_pgbench_promtool_signals_and_no_secret_in_logs() {
         std::thread::sleep(Duration::from_millis(50));
     };
     assert!(code.success());
+    assert!(!health(&[]).success(), "nothing answers once it has stopped");
 
     // The captured logs and the audit trail: never a password.
     let audit = std::fs::read_to_string(p.dir_path.join("audit.log")).unwrap();
@@ -294,6 +307,11 @@ fn cli_check_hash_and_certs() {
     let out = run_check(&bad);
     let text = String::from_utf8_lossy(&out.stdout);
     assert_eq!(out.status.code(), Some(1), "{text}");
+    // --offline: the config's own findings, without reading the files it names
+    let out = Command::new(BIN).args(["check", "--offline", "--config"]).arg(&bad).output().unwrap();
+    let offline = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{offline}");
+    assert!(offline.contains("PC004") && !offline.contains("PC015"), "{offline}");
     for id in ["PC001", "PC003", "PC004", "PC005"] {
         assert!(text.contains(id), "{id} in {text}");
     }

@@ -121,6 +121,16 @@ fn check_secret(out: &mut Vec<Finding>, listener: &str, secret: &Option<SecretRe
 
 /// Every finding for `cfg`, errors first.
 pub fn lint(cfg: &Config) -> Vec<Finding> {
+    lint_with(cfg, true)
+}
+
+/// The findings about the config itself, without reading the files it names (certificates,
+/// users files, secrets): for templates whose files exist only where they are deployed.
+pub fn lint_offline(cfg: &Config) -> Vec<Finding> {
+    lint_with(cfg, false)
+}
+
+fn lint_with(cfg: &Config, files: bool) -> Vec<Finding> {
     let mut out = Vec::new();
     let out = &mut out;
     let admin_ip = cfg.admin_listen.ip();
@@ -153,7 +163,7 @@ pub fn lint(cfg: &Config) -> Vec<Finding> {
             "[tls] min_version = \"1.2\": TLS 1.3 is the default; allow 1.2 only for legacy clients".into(),
         );
     }
-    if let Err(e) = crate::net::tls::Served::load(&cfg.tls) {
+    if files && let Err(e) = crate::net::tls::Served::load(&cfg.tls) {
         add(out, "PC015", Severity::Error, format!("[tls] does not load: {e}"));
     }
     if cfg.lockout.max_failures == 0 {
@@ -200,8 +210,10 @@ pub fn lint(cfg: &Config) -> Vec<Finding> {
                 ),
             );
         }
-        check_secret(out, n, &p.upstream_password);
-        if let Some(uf) = &p.users_file {
+        if files {
+            check_secret(out, n, &p.upstream_password);
+        }
+        if let Some(uf) = p.users_file.as_ref().filter(|_| files) {
             match crate::auth::Users::load(uf) {
                 Err(e) => add(out, "PC014", Severity::Error, format!("listener {n:?}: users file: {e}")),
                 Ok(users) => {
@@ -241,7 +253,9 @@ pub fn lint(cfg: &Config) -> Vec<Finding> {
     for r in &cfg.redis {
         let n = &r.name;
         listener_basics(out, n, r.listen, r.tls, &r.allow, &r.upstream, r.upstream_tls.is_some());
-        check_secret(out, n, &r.upstream_password);
+        if files {
+            check_secret(out, n, &r.upstream_password);
+        }
         if r.upstream_password.is_none() {
             add(
                 out,
@@ -270,7 +284,8 @@ pub fn lint(cfg: &Config) -> Vec<Finding> {
                 format!("listener {n:?}: default_rules allow dangerous commands ({}): add -@dangerous", name_list(&d)),
             );
         }
-        match crate::auth::Users::load(&r.users_file) {
+        let users = if files { Some(crate::auth::Users::load(&r.users_file)) } else { None };
+        match users.unwrap_or_else(|| Ok(crate::auth::Users::default())) {
             Err(e) => add(out, "PC014", Severity::Error, format!("listener {n:?}: users file: {e}")),
             Ok(users) => {
                 for u in users.iter() {
