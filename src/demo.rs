@@ -201,11 +201,16 @@ impl PgInstance {
 
     /// Runs SQL as the bootstrap superuser over the Unix socket (never through the proxy).
     pub fn psql_admin(&self, sql: &str) -> io::Result<String> {
+        self.psql_admin_db("postgres", sql)
+    }
+
+    /// The same, in database `db`.
+    pub fn psql_admin_db(&self, db: &str, sql: &str) -> io::Result<String> {
         let out = self
             .cmd("psql")
             .args(["-X", "-q", "-At", "-v", "ON_ERROR_STOP=1", "-h"])
             .arg(&self.socket_dir)
-            .args(["-p", &self.port.to_string(), "-U", "postgres", "-d", "postgres", "-c", sql])
+            .args(["-p", &self.port.to_string(), "-U", "postgres", "-d", db, "-c", sql])
             .output()?;
         if !out.status.success() {
             return Err(io::Error::other(format!("psql failed: {}", String::from_utf8_lossy(&out.stderr))));

@@ -20,4 +20,5 @@ pub mod metrics;
 pub mod net;
 pub mod policy;
 pub mod postgres;
+pub mod posture;
 pub mod redis;

@@ -56,6 +56,22 @@ enum Cmd {
         #[command(subcommand)]
         cmd: UserCmd,
     },
+    /// Posture evidence: log in as the runtime role and check its privileges, RLS on the
+    /// protected tables, PUBLIC's grants, and that deny_users are refused; exit 1 on a failure.
+    AuditPostgres {
+        /// Config file.
+        #[arg(long, short, default_value = "config/dev.toml")]
+        config: PathBuf,
+        /// Only this listener.
+        #[arg(long)]
+        listener: Option<String>,
+        /// Database to inspect.
+        #[arg(long, default_value = "postgres")]
+        database: String,
+        /// JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
     /// A private PostgreSQL with the proxy in front, on the dev config; Ctrl-C cleans up.
     Demo {
         /// Config file (its listeners are used; upstream and users are the demo's own).
@@ -215,6 +231,23 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
                     Ok(ExitCode::from(1))
                 }
             }
+        }
+        Cmd::AuditPostgres { config, listener, database, json } => {
+            let cfg = portcullis::config::load(&config)?;
+            let rt = tokio::runtime::Runtime::new()?;
+            let checks = rt
+                .block_on(portcullis::posture::audit(&cfg, listener.as_deref(), &database))
+                .map_err(|e| anyhow::anyhow!(e))?;
+            let failed = checks.iter().filter(|c| !c.ok).count();
+            if json {
+                println!("{}", serde_json::to_string_pretty(&checks)?);
+            } else {
+                for c in &checks {
+                    println!("{}  {:<12} {:<40} {}", if c.ok { "PASS" } else { "FAIL" }, c.listener, c.check, c.detail);
+                }
+                println!("\n{} checks, {} failed", checks.len(), failed);
+            }
+            Ok(if failed > 0 || checks.is_empty() { ExitCode::from(1) } else { ExitCode::SUCCESS })
         }
         Cmd::Demo { config } => {
             init_tracing();

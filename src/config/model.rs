@@ -269,6 +269,8 @@ struct RawPostgres {
     max_connections: Option<usize>,
     #[serde(default)]
     upstream_tls: Option<RawUpstreamTls>,
+    #[serde(default)]
+    protected_tables: Vec<String>,
 }
 
 /// Everything the proxy needs, validated.
@@ -411,6 +413,9 @@ pub struct PostgresListener {
     pub max_connections: Option<usize>,
     /// Verified TLS to the upstream when present.
     pub upstream_tls: Option<UpstreamTls>,
+    /// Tables (`schema.table`) `audit-postgres` requires to have row-level security enabled
+    /// and forced, with no grants to PUBLIC (default none).
+    pub protected_tables: Vec<String>,
 }
 
 /// What every listener has, checked the same way for both protocols.
@@ -572,6 +577,7 @@ impl RawConfig {
                 allow,
                 max_connections: p.max_connections,
                 upstream_tls: p.upstream_tls.map(|u| UpstreamTls { ca: u.ca, server_name: u.server_name }),
+                protected_tables: p.protected_tables,
             });
         }
         let mut redis = Vec::new();

@@ -172,6 +172,7 @@ mod tests {
             allow: vec![],
             max_connections: None,
             upstream_tls: None,
+            protected_tables: vec![],
         };
         let l = PgListener::new(&cfg).unwrap();
         assert!(l.cached_salted_password("pw", b"salt", 4096).is_none());

@@ -110,15 +110,24 @@ listen = "127.0.0.1:0"
 
 [[postgres]]
 name = "main"
-listen = "127.0.0.1:0"
+listen = "127.0.0.1:{port}"
 upstream = "{upstream}"
 users_file = "{dir}/users.toml"
-upstream_user = "app_runtime"
-upstream_password_file = "{dir}/runtime.pass"
+{runtime}
 deny_users = ["postgres"]
 {allow}
 {listener_extra}
 "#,
+        port = portcullis::demo::free_port().unwrap(),
+        runtime = if listener_extra.contains("upstream_user") {
+            String::new()
+        } else {
+            format!(
+                "upstream_user = \"app_runtime\"\nupstream_password_file = \"{}/runtime.pass\"",
+                dir.path().display()
+            )
+        },
+        listener_extra = listener_extra.replace("{DIR}", &dir.path().display().to_string()),
         dir = dir.path().display(),
         allow = if listener_extra.contains("allow") { "" } else { "allow = [\"127.0.0.0/8\"]" },
     );
