@@ -204,6 +204,32 @@ impl Running {
                 }
             }
         });
+        // Periodic posture checks (audit-postgres) for listeners that ask for them.
+        for l in &self.pg {
+            let (shared, l, stop) = (self.shared.clone(), l.clone(), self.background.clone());
+            tokio::spawn(async move {
+                loop {
+                    let cfg = l.config();
+                    let Some(db) = cfg.posture_database.clone() else { return };
+                    let whole = shared.config();
+                    match crate::posture::audit(&whole, Some(&cfg.name), &db).await {
+                        Ok(checks) => {
+                            for c in checks {
+                                shared.metrics.posture(&c.listener, &c.check, c.ok);
+                            }
+                        }
+                        Err(e) => {
+                            tracing::warn!(listener = %cfg.name, error = %e, "posture check failed to run");
+                            shared.metrics.posture(&cfg.name, "runtime_login", false);
+                        }
+                    }
+                    tokio::select! {
+                        _ = stop.cancelled() => return,
+                        _ = tokio::time::sleep(cfg.posture_interval) => {}
+                    }
+                }
+            });
+        }
         // File watcher: certificates and users files, by content (follows symlink swaps).
         let (shared, pg, redis, stop) =
             (self.shared.clone(), self.pg.clone(), self.redis.clone(), self.background.clone());

@@ -115,6 +115,7 @@ pub struct Metrics {
     upstream_up: IntGaugeVec,
     lockouts_total: IntCounter,
     cert_expiry: GaugeVec,
+    posture_ok: GaugeVec,
     config_reloads_total: IntCounterVec,
 }
 
@@ -174,7 +175,15 @@ impl Metrics {
         )
         .expect("valid metric");
         r.register(Box::new(cert_expiry.clone())).expect("registered once");
+        let posture_ok = GaugeVec::new(
+            Opts::new("pg_posture_ok", "1 when the periodic posture check passed, 0 when it failed.")
+                .namespace("portcullis"),
+            &["listener", "check"],
+        )
+        .expect("valid metric");
+        r.register(Box::new(posture_ok.clone())).expect("registered once");
         Metrics {
+            posture_ok,
             connections_total: counter(
                 &r,
                 "connections_total",
@@ -343,6 +352,11 @@ impl Metrics {
     /// Records a served certificate's expiry.
     pub fn cert_expiry(&self, cert: &str, not_after_unix: i64) {
         self.cert_expiry.with_label_values(&[cert]).set(not_after_unix as f64);
+    }
+
+    /// A posture check's latest result (check ids come from config: table and role names).
+    pub fn posture(&self, listener: &str, check: &str, ok: bool) {
+        self.posture_ok.with_label_values(&[listener, check]).set(if ok { 1.0 } else { 0.0 });
     }
 
     /// A reload finished.

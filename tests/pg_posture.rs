@@ -97,3 +97,30 @@ async fn a_database_set_up_wrong_fails_with_the_reasons() {
     }
     assert_eq!(result(&v, "deny_user_refused:postgres"), Some(true), "{text}");
 }
+
+#[tokio::test]
+async fn the_proxy_exports_posture_gauges() {
+    setup();
+    let p = proxy(
+        "",
+        "protected_tables = [\"public.profiles\", \"public.leaky\"]\nposture_database = \"app\"\nposture_interval = \"1s\"",
+    )
+    .await;
+    let want = [
+        r#"portcullis_pg_posture_ok{check="rls_forced:public.profiles",listener="main"} 1"#,
+        r#"portcullis_pg_posture_ok{check="rls_enabled:public.leaky",listener="main"} 0"#,
+        r#"portcullis_pg_posture_ok{check="runtime_not_superuser",listener="main"} 1"#,
+        r#"portcullis_pg_posture_ok{check="deny_user_refused:postgres",listener="main"} 1"#,
+    ];
+    let mut m = String::new();
+    for _ in 0..100 {
+        m = p.metrics();
+        if want.iter().all(|w| m.contains(w)) {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    for w in want {
+        assert!(m.contains(w), "{w} in {m}");
+    }
+}

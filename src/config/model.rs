@@ -271,6 +271,10 @@ struct RawPostgres {
     upstream_tls: Option<RawUpstreamTls>,
     #[serde(default)]
     protected_tables: Vec<String>,
+    #[serde(default)]
+    posture_database: Option<String>,
+    #[serde(default)]
+    posture_interval: Option<Spanned<String>>,
 }
 
 /// Everything the proxy needs, validated.
@@ -416,6 +420,11 @@ pub struct PostgresListener {
     /// Tables (`schema.table`) `audit-postgres` requires to have row-level security enabled
     /// and forced, with no grants to PUBLIC (default none).
     pub protected_tables: Vec<String>,
+    /// Database the periodic posture checks inspect; when set, the proxy runs them every
+    /// `posture_interval` and exports `portcullis_pg_posture_ok{listener,check}` (default off).
+    pub posture_database: Option<String>,
+    /// How often (default 5m).
+    pub posture_interval: Duration,
 }
 
 /// What every listener has, checked the same way for both protocols.
@@ -578,6 +587,11 @@ impl RawConfig {
                 max_connections: p.max_connections,
                 upstream_tls: p.upstream_tls.map(|u| UpstreamTls { ca: u.ca, server_name: u.server_name }),
                 protected_tables: p.protected_tables,
+                posture_database: p.posture_database,
+                posture_interval: match &p.posture_interval {
+                    Some(d) => dur(d, file, src)?,
+                    None => Duration::from_secs(300),
+                },
             });
         }
         let mut redis = Vec::new();

@@ -173,6 +173,8 @@ mod tests {
             max_connections: None,
             upstream_tls: None,
             protected_tables: vec![],
+            posture_database: None,
+            posture_interval: std::time::Duration::from_secs(300),
         };
         let l = PgListener::new(&cfg).unwrap();
         assert!(l.cached_salted_password("pw", b"salt", 4096).is_none());
