@@ -88,6 +88,15 @@ enum CertsCmd {
         #[arg(long, default_value = "certs-dev")]
         out: PathBuf,
     },
+    /// Issue a new server key and certificate from an existing dev CA (a renewal drill).
+    RenewServer {
+        /// Directory holding the dev CA (`ca.key`).
+        #[arg(long, default_value = "certs-dev")]
+        pki: PathBuf,
+        /// Where to write server.crt and server.key (default: the PKI directory).
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -97,6 +106,10 @@ enum UserCmd {
         /// Which verifier: SCRAM-SHA-256 (postgres) or Argon2id PHC (redis).
         #[arg(long, value_enum)]
         protocol: HashProtocol,
+        /// Postgres: reuse the salt and iteration count of this existing verifier, so the old
+        /// and new verifiers can be listed together in `postgres_scram` during a rotation.
+        #[arg(long, value_name = "VERIFIER")]
+        same_salt_as: Option<String>,
     },
 }
 
@@ -199,11 +212,25 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
             println!("wrote ca.crt ca.key server.crt server.key client.crt client.key to {}", out.display());
             Ok(ExitCode::SUCCESS)
         }
-        Cmd::User { cmd: UserCmd::Hash { protocol } } => {
+        Cmd::Certs { cmd: CertsCmd::RenewServer { pki, out } } => {
+            let out = out.unwrap_or_else(|| pki.clone());
+            portcullis::certs::renew_dev_server_cert(&pki, &out)?;
+            println!("wrote server.crt server.key to {}", out.display());
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::User { cmd: UserCmd::Hash { protocol, same_salt_as } } => {
             let pw = read_password()?;
-            match protocol {
-                HashProtocol::Postgres => println!("{}", postgres_protocol::password::scram_sha_256(pw.as_bytes())),
-                HashProtocol::Redis => {
+            match (protocol, same_salt_as) {
+                (HashProtocol::Postgres, None) => {
+                    println!("{}", postgres_protocol::password::scram_sha_256(pw.as_bytes()))
+                }
+                (HashProtocol::Postgres, Some(v)) => {
+                    use portcullis::auth::scram::ScramVerifier;
+                    let old = ScramVerifier::parse(&v).context("--same-salt-as is not a SCRAM-SHA-256 verifier")?;
+                    println!("{}", ScramVerifier::from_password(&pw, &old.salt, old.iterations).encode());
+                }
+                (HashProtocol::Redis, Some(_)) => anyhow::bail!("--same-salt-as applies to --protocol postgres only"),
+                (HashProtocol::Redis, None) => {
                     use argon2::PasswordHasher;
                     let h = argon2::Argon2::default()
                         .hash_password(pw.as_bytes())

@@ -99,6 +99,17 @@ impl ScramVerifier {
         }
     }
 
+    /// PostgreSQL's text form (what `parse` reads).
+    pub fn encode(&self) -> String {
+        format!(
+            "SCRAM-SHA-256${}:{}${}:{}",
+            self.iterations,
+            B64.encode(&self.salt),
+            B64.encode(self.stored_key),
+            B64.encode(self.server_key)
+        )
+    }
+
     /// A stable fake verifier for a user that does not exist, so the exchange looks the same:
     /// the salt is derived from the name and a secret that survives restarts (PostgreSQL keeps
     /// its mock nonce in pg_control for the same reason), and `iterations` is the users file's
@@ -142,7 +153,8 @@ enum Gs2Flag {
 /// Server side, after the client-first message.
 #[derive(Debug)]
 pub struct ScramServer {
-    verifier: ScramVerifier,
+    /// One or more verifiers sharing salt and iteration count (a password rotation in progress).
+    verifiers: Vec<ScramVerifier>,
     gs2_header: String,
     flag: Gs2Flag,
     client_first_bare: String,
@@ -163,8 +175,10 @@ fn attr<'a>(parts: &mut impl Iterator<Item = &'a str>, key: char) -> Result<&'a 
 impl ScramServer {
     /// Handles `SASLInitialResponse`: `mechanism` is the one the client chose and
     /// `plus_offered` whether this connection advertised `-PLUS`. Returns the server-first message.
+    /// `verifiers` share salt and iteration count (checked when the users file loads); any
+    /// one of their passwords is accepted.
     pub fn start(
-        verifier: ScramVerifier,
+        verifiers: Vec<ScramVerifier>,
         mechanism: &str,
         plus_offered: bool,
         client_first: &[u8],
@@ -205,11 +219,12 @@ impl ScramServer {
         let mut raw = [0u8; 18];
         rand::fill(&mut raw);
         let nonce = format!("{client_nonce}{}", B64.encode(raw));
-        let server_first = format!("r={nonce},s={},i={}", B64.encode(&verifier.salt), verifier.iterations);
+        let first = verifiers.first().ok_or(ScramError::Auth)?;
+        let server_first = format!("r={nonce},s={},i={}", B64.encode(&first.salt), first.iterations);
         let gs2_header = format!("{cb},{authzid},");
         Ok((
             ScramServer {
-                verifier,
+                verifiers,
                 gs2_header,
                 flag,
                 client_first_bare: bare.to_string(),
@@ -242,15 +257,20 @@ impl ScramServer {
         let proof: [u8; 32] =
             B64.decode(proof).map_err(|_| ScramError::Malformed)?.try_into().map_err(|_| ScramError::Malformed)?;
         let auth_message = format!("{},{},{}", self.client_first_bare, self.server_first, without_proof);
-        let client_signature = hmac(&self.verifier.stored_key, auth_message.as_bytes());
-        let mut client_key = [0u8; 32];
-        for i in 0..32 {
-            client_key[i] = proof[i] ^ client_signature[i];
+        // Every verifier is tried (no early exit), so timing does not tell which one matched.
+        let mut matched: Option<&ScramVerifier> = None;
+        for v in &self.verifiers {
+            let client_signature = hmac(&v.stored_key, auth_message.as_bytes());
+            let mut client_key = [0u8; 32];
+            for i in 0..32 {
+                client_key[i] = proof[i] ^ client_signature[i];
+            }
+            if bool::from(sha256(&client_key).ct_eq(&v.stored_key)) {
+                matched = matched.or(Some(v));
+            }
         }
-        if !bool::from(sha256(&client_key).ct_eq(&self.verifier.stored_key)) {
-            return Err(ScramError::Auth);
-        }
-        let server_signature = hmac(&self.verifier.server_key, auth_message.as_bytes());
+        let v = matched.ok_or(ScramError::Auth)?;
+        let server_signature = hmac(&v.server_key, auth_message.as_bytes());
         Ok(format!("v={}", B64.encode(server_signature)))
     }
 }
@@ -330,8 +350,12 @@ mod tests {
     use super::*;
 
     fn run(verifier: ScramVerifier, password: &str) -> Result<(), ScramError> {
+        run_many(vec![verifier], password)
+    }
+
+    fn run_many(verifiers: Vec<ScramVerifier>, password: &str) -> Result<(), ScramError> {
         let (client, first) = ScramClient::start();
-        let (server, server_first) = ScramServer::start(verifier, SCRAM_SHA_256, false, first.as_bytes())?;
+        let (server, server_first) = ScramServer::start(verifiers, SCRAM_SHA_256, false, first.as_bytes())?;
         let (client, fin) = client.respond(server_first.as_bytes(), |salt, i| {
             salted_password(prepare_password(password).as_bytes(), salt, i)
         })?;
@@ -344,6 +368,19 @@ mod tests {
         let v = ScramVerifier::from_password("s3cret", b"0123456789abcdef", 4096);
         assert_eq!(run(v.clone(), "s3cret"), Ok(()));
         assert_eq!(run(v, "wrong"), Err(ScramError::Auth));
+    }
+
+    #[test]
+    fn rotation_accepts_either_password_with_a_shared_salt() {
+        let old = ScramVerifier::from_password("old-pw", b"0123456789abcdef", 4096);
+        let new = ScramVerifier::from_password("new-pw", b"0123456789abcdef", 4096);
+        let both = vec![old.clone(), new.clone()];
+        assert_eq!(run_many(both.clone(), "old-pw"), Ok(()));
+        assert_eq!(run_many(both.clone(), "new-pw"), Ok(()), "the server proof comes from the matching verifier");
+        assert_eq!(run_many(both, "other"), Err(ScramError::Auth));
+        assert_eq!(run_many(vec![new], "old-pw"), Err(ScramError::Auth));
+        assert_eq!(run_many(Vec::new(), "old-pw"), Err(ScramError::Auth));
+        assert_eq!(ScramVerifier::parse(&old.encode()), Some(old));
     }
 
     #[test]
@@ -366,16 +403,16 @@ mod tests {
             (SCRAM_SHA_256_PLUS, "p=tls-unique,,n=,r=abc"),
         ] {
             assert_eq!(
-                ScramServer::start(v.clone(), mech, true, first.as_bytes()).unwrap_err(),
+                ScramServer::start(vec![v.clone()], mech, true, first.as_bytes()).unwrap_err(),
                 ScramError::ChannelBindingNegotiation,
                 "{mech} {first}"
             );
         }
         // 'y' is fine when PLUS was not offered.
-        assert!(ScramServer::start(v.clone(), SCRAM_SHA_256, false, b"y,,n=,r=abc").is_ok());
+        assert!(ScramServer::start(vec![v.clone()], SCRAM_SHA_256, false, b"y,,n=,r=abc").is_ok());
         // Bound exchange: wrong cb data fails, right one passes the binding check.
         let (s, _) =
-            ScramServer::start(v.clone(), SCRAM_SHA_256_PLUS, true, b"p=tls-server-end-point,,n=,r=abc").unwrap();
+            ScramServer::start(vec![v.clone()], SCRAM_SHA_256_PLUS, true, b"p=tls-server-end-point,,n=,r=abc").unwrap();
         let c = B64.encode(b"p=tls-server-end-point,,OTHER");
         let fin = format!("c={c},r={},p={}", s.nonce, B64.encode([0u8; 32]));
         assert_eq!(s.finish(fin.as_bytes(), Some(b"HASH")).unwrap_err(), ScramError::ChannelBinding);
@@ -405,9 +442,9 @@ mod tests {
     fn malformed_inputs_do_not_panic() {
         let v = ScramVerifier::from_password("pw", b"salt", 4096);
         for bad in [&b""[..], b"n", b"n,,", b"n,,r=x", b"x,,n=,r=a", b"n,a=b,n=,r=x", b"n,,n=,r=", b"\xff\xfe"] {
-            assert!(ScramServer::start(v.clone(), SCRAM_SHA_256, false, bad).is_err());
+            assert!(ScramServer::start(vec![v.clone()], SCRAM_SHA_256, false, bad).is_err());
         }
-        let (s, _) = ScramServer::start(v, SCRAM_SHA_256, false, b"n,,n=,r=abc").unwrap();
+        let (s, _) = ScramServer::start(vec![v], SCRAM_SHA_256, false, b"n,,n=,r=abc").unwrap();
         assert_eq!(s.finish(b"garbage", None).unwrap_err(), ScramError::Malformed);
     }
 }

@@ -17,14 +17,31 @@ struct RawUsers {
     users: Vec<RawUser>,
 }
 
+/// A string, or a list of them (two during a password rotation).
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum OneOrMany {
+    One(String),
+    Many(Vec<String>),
+}
+
+impl OneOrMany {
+    fn into_vec(self) -> Vec<String> {
+        match self {
+            OneOrMany::One(s) => vec![s],
+            OneOrMany::Many(v) => v,
+        }
+    }
+}
+
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawUser {
     name: Spanned<String>,
     #[serde(default)]
-    postgres_scram: Option<Spanned<String>>,
+    postgres_scram: Option<Spanned<OneOrMany>>,
     #[serde(default)]
-    redis_argon2: Option<Spanned<String>>,
+    redis_argon2: Option<Spanned<OneOrMany>>,
     #[serde(default)]
     redis_rules: Option<Spanned<String>>,
     #[serde(default)]
@@ -48,10 +65,11 @@ struct RawUser {
 pub struct User {
     /// Name the client logs in with.
     pub name: String,
-    /// SCRAM-SHA-256 verifier (`scram` mode); no verifier means no password login.
-    pub postgres_scram: Option<ScramVerifier>,
-    /// Argon2id PHC string for Redis `AUTH`; no string means no password login on Redis.
-    pub redis_argon2: Option<String>,
+    /// SCRAM-SHA-256 verifiers (`scram` mode), all with one salt and iteration count; more
+    /// than one while a password rotation is in progress; none means no password login.
+    pub postgres_scram: Vec<ScramVerifier>,
+    /// Argon2id PHC strings for Redis `AUTH` (any one matches); none means no password login.
+    pub redis_argon2: Vec<String>,
     /// Redis ACL rules for this user; else the listener's `default_rules`.
     pub redis_rules: Option<crate::policy::AclRules>,
     /// Redis ACL user the proxy logs in upstream as for this user; else the listener's.
@@ -87,30 +105,49 @@ impl Users {
             if name.is_empty() || users.by_name.contains_key(&name) {
                 return Err(err(u.name.span(), format!("empty or duplicate user name {name:?}")));
             }
-            let postgres_scram = match &u.postgres_scram {
-                Some(s) => Some(
-                    ScramVerifier::parse(s.get_ref())
-                        .ok_or_else(|| err(s.span(), "postgres_scram is not a SCRAM-SHA-256 verifier (use `portcullis user hash --protocol postgres`)".into()))?,
-                ),
-                None => None,
-            };
+            let mut postgres_scram: Vec<ScramVerifier> = Vec::new();
+            if let Some(list) = u.postgres_scram {
+                let span = list.span();
+                for s in list.into_inner().into_vec() {
+                    let v = ScramVerifier::parse(&s).ok_or_else(|| {
+                        err(span.clone(), "postgres_scram is not a SCRAM-SHA-256 verifier (use `portcullis user hash --protocol postgres`)".into())
+                    })?;
+                    if postgres_scram.first().is_some_and(|f| f.salt != v.salt || f.iterations != v.iterations) {
+                        return Err(err(
+                            span.clone(),
+                            "the postgres_scram verifiers of one user must share salt and iterations (SCRAM sends one salt before the client proves its password): make the new one with `portcullis user hash --protocol postgres --same-salt-as <current verifier>`".into(),
+                        ));
+                    }
+                    postgres_scram.push(v);
+                }
+                if postgres_scram.is_empty() {
+                    return Err(err(
+                        span,
+                        "postgres_scram is an empty list (leave it out for no password login)".into(),
+                    ));
+                }
+            }
             let upstream_password = SecretRef::from_parts(u.upstream_password_file, u.upstream_password_env)
                 .map_err(|m| err(u.name.span(), m))?;
             let redis_upstream_password =
                 SecretRef::from_parts(u.redis_upstream_password_file, u.redis_upstream_password_env)
                     .map_err(|m| err(u.name.span(), m))?;
-            let redis_argon2 = match &u.redis_argon2 {
-                Some(s) => {
-                    if argon2::PasswordHash::new(s.get_ref()).is_err() {
+            let mut redis_argon2 = Vec::new();
+            if let Some(list) = u.redis_argon2 {
+                let span = list.span();
+                for s in list.into_inner().into_vec() {
+                    if argon2::PasswordHash::new(&s).is_err() {
                         return Err(err(
-                            s.span(),
+                            span.clone(),
                             "redis_argon2 is not a PHC string (use `portcullis user hash --protocol redis`)".into(),
                         ));
                     }
-                    Some(s.get_ref().clone())
+                    redis_argon2.push(s);
                 }
-                None => None,
-            };
+                if redis_argon2.is_empty() {
+                    return Err(err(span, "redis_argon2 is an empty list (leave it out for no password login)".into()));
+                }
+            }
             let redis_rules = match &u.redis_rules {
                 Some(s) => Some(crate::policy::AclRules::parse(s.get_ref()).map_err(|e| err(s.span(), e.to_string()))?),
                 None => None,
@@ -157,7 +194,7 @@ impl Users {
     /// exchange for an unknown user looks like a real one.
     pub fn mock_iterations(&self) -> u32 {
         let mut counts: HashMap<u32, usize> = HashMap::new();
-        for v in self.by_name.values().filter_map(|u| u.postgres_scram.as_ref()) {
+        for v in self.by_name.values().filter_map(|u| u.postgres_scram.first()) {
             *counts.entry(v.iterations).or_default() += 1;
         }
         counts.into_iter().max_by_key(|(i, n)| (*n, *i)).map_or(DEFAULT_ITERATIONS, |(i, _)| i)

@@ -46,6 +46,32 @@ impl SecretRef {
     }
 }
 
+/// How often [`SecretRef::changed_from`] looks at the file.
+const ROTATION_POLL: std::time::Duration = std::time::Duration::from_millis(100);
+
+impl SecretRef {
+    /// After the upstream refused `used`: waits until the secret reads differently (the
+    /// operator changed the password at the server first and the secret file follows), or
+    /// until `until`. `None` when it did not change in time or is not a file.
+    pub async fn changed_from(&self, used: &Secret, until: tokio::time::Instant) -> Option<Secret> {
+        if !matches!(self, SecretRef::File(_)) {
+            return None;
+        }
+        loop {
+            if let Ok(now) = self.read()
+                && now != *used
+                && !now.0.is_empty()
+            {
+                return Some(now);
+            }
+            if tokio::time::Instant::now() + ROTATION_POLL > until {
+                return None;
+            }
+            tokio::time::sleep(ROTATION_POLL).await;
+        }
+    }
+}
+
 /// A secret value: `Debug` never shows it.
 #[derive(Clone, PartialEq, Eq)]
 pub struct Secret(String);
@@ -60,5 +86,31 @@ impl Secret {
 impl fmt::Debug for Secret {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("Secret(<redacted>)")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn changed_from_waits_for_the_file_to_change() {
+        let dir = std::env::temp_dir().join(format!("pc-secret-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let f = dir.join("pw");
+        std::fs::write(&f, "old\n").unwrap();
+        let r = SecretRef::File(f.clone());
+        let old = r.read().unwrap();
+        let soon = tokio::time::Instant::now() + std::time::Duration::from_millis(300);
+        assert_eq!(r.changed_from(&old, soon).await, None, "unchanged: gives up at the deadline");
+        let writer = tokio::spawn(async move {
+            tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+            std::fs::write(&f, "new\n").unwrap();
+        });
+        let later = tokio::time::Instant::now() + std::time::Duration::from_secs(5);
+        assert_eq!(r.changed_from(&old, later).await.map(|s| s.expose().to_string()), Some("new".into()));
+        writer.await.unwrap();
+        assert_eq!(SecretRef::Env("PATH".into()).changed_from(&old, later).await, None);
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

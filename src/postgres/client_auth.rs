@@ -26,6 +26,9 @@ fn scram_refusal(e: &ScramError, user: &str) -> PgRefusal {
     }
 }
 
+/// Time kept at the end of the upstream login deadline to tell the client why it failed.
+const ROTATION_MARGIN: std::time::Duration = std::time::Duration::from_millis(500);
+
 impl Session {
     /// A failed client authentication: counted, maybe a lockout, audited, refused.
     async fn auth_failed(&mut self, io: &mut Stream, method: &'static str, refusal: PgRefusal) -> ConnOutcome {
@@ -84,11 +87,14 @@ impl Session {
         served: Option<&Served>,
     ) -> Step<(User, Bytes)> {
         let users = self.l.users();
-        let user = users.get(&startup.user).filter(|u| u.postgres_scram.is_some()).cloned();
-        let verifier = user.as_ref().and_then(|u| u.postgres_scram.clone()).unwrap_or_else(|| {
-            let secret = served.map_or_else(|| self.shared.tls.current().mock_secret, |s| s.mock_secret);
-            ScramVerifier::mock(&startup.user, &secret, users.mock_iterations())
-        });
+        let user = users.get(&startup.user).filter(|u| !u.postgres_scram.is_empty()).cloned();
+        let verifiers = match &user {
+            Some(u) => u.postgres_scram.clone(),
+            None => {
+                let secret = served.map_or_else(|| self.shared.tls.current().mock_secret, |s| s.mock_secret);
+                vec![ScramVerifier::mock(&startup.user, &secret, users.mock_iterations())]
+            }
+        };
         let plus = served.is_some();
         let mechs: &[&str] = if plus { &[SCRAM_SHA_256_PLUS, SCRAM_SHA_256] } else { &[SCRAM_SHA_256] };
         codec::send(&mut c.io, &codec::auth_sasl(mechs)).await.map_err(|_| ConnOutcome::Closed)?;
@@ -101,7 +107,7 @@ impl Session {
             return Err(self.refuse_protocol(&mut c.io, PgRefusal::Protocol(msg.into())).await);
         }
         let method = if mech == SCRAM_SHA_256_PLUS { "scram-plus" } else { "scram" };
-        let (server, first) = match ScramServer::start(verifier, &mech, plus, &data) {
+        let (server, first) = match ScramServer::start(verifiers, &mech, plus, &data) {
             Ok(x) => x,
             Err(e) => {
                 return Err(self.auth_failed(&mut c.io, method, scram_refusal(&e, &startup.user)).await);
@@ -163,7 +169,8 @@ impl Session {
             return Err(self.upstream_unavailable(c, "no upstream_user configured for this user").await);
         };
         self.upstream_user = Some(up_user.clone());
-        let password = match user.upstream_password.as_ref().or(self.cfg.upstream_password.as_ref()).map(|r| r.read()) {
+        let secret = user.upstream_password.as_ref().or(self.cfg.upstream_password.as_ref()).cloned();
+        let password = match secret.as_ref().map(|r| r.read()) {
             None => None,
             Some(Ok(p)) => Some(p),
             Some(Err(e)) => return Err(self.upstream_unavailable(c, &e).await),
@@ -177,9 +184,30 @@ impl Session {
         // Leave time to tell the client if the upstream is slow.
         let limit = self.shared.config().limits.upstream_connect_timeout.min(self.remaining());
         let l = self.l.clone();
+        // Rotation window: the runtime password was changed at the server and the secret file
+        // follows. A refused password waits (within this login's deadline) for the file to change.
+        let wait_until = tokio::time::Instant::now() + limit.saturating_sub(ROTATION_MARGIN);
         let res = async {
-            let io = pgup::connect(&l, limit).await?;
-            pgup::login(&l, io, &params, password.as_ref()).await
+            let mut password = password;
+            loop {
+                let io = pgup::connect(&l, limit).await?;
+                match pgup::login(&l, io, &params, password.as_ref()).await {
+                    Err(LoginError::Error(e)) if e.code == "28P01" => {
+                        let next = match (&secret, &password) {
+                            (Some(r), Some(p)) => r.changed_from(p, wait_until).await,
+                            _ => None,
+                        };
+                        match next {
+                            Some(p) => {
+                                tracing::info!("upstream refused the runtime password; retrying with the rotated one");
+                                password = Some(p);
+                            }
+                            None => return Err(LoginError::Error(e)),
+                        }
+                    }
+                    other => return other,
+                }
+            }
         };
         let res = tokio::time::timeout(limit, res).await;
         let elapsed = t.elapsed().as_secs_f64();

@@ -4,7 +4,11 @@
 
 use std::io;
 
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::atomic::{AtomicBool, AtomicU64};
+
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio_util::sync::CancellationToken;
 
 use super::reply::PgRefusal;
 use super::session::{Ready, Session};
@@ -29,13 +33,27 @@ pub(super) struct Boundary {
     header: [u8; 5],
     have: usize,
     remaining: u64,
+    /// The current message's type, while its first body byte is still to come.
+    first_of: Option<u8>,
+}
+
+/// What [`Boundary::feed`] saw.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Seen {
+    /// A message of this type started.
+    Start(u8),
+    /// The first body byte of a message of this type (ReadyForQuery's transaction status).
+    First(u8, u8),
 }
 
 impl Boundary {
-    /// Accounts for bytes that went by.
-    pub(super) fn feed(&mut self, mut data: &[u8]) {
+    /// Accounts for bytes that went by, reporting message starts and first body bytes.
+    pub(super) fn feed(&mut self, mut data: &[u8], mut seen: impl FnMut(Seen)) {
         while !data.is_empty() {
             if self.remaining > 0 {
+                if let Some(t) = self.first_of.take() {
+                    seen(Seen::First(t, data[0]));
+                }
                 let n = (self.remaining.min(data.len() as u64)) as usize;
                 self.remaining -= n as u64;
                 data = &data[n..];
@@ -49,6 +67,8 @@ impl Boundary {
                 let len = i32::from_be_bytes([self.header[1], self.header[2], self.header[3], self.header[4]]);
                 self.remaining = u64::try_from(len).unwrap_or(4).saturating_sub(4);
                 self.have = 0;
+                seen(Seen::Start(self.header[0]));
+                self.first_of = (self.remaining > 0).then_some(self.header[0]);
             }
         }
     }
@@ -59,56 +79,184 @@ impl Boundary {
     }
 }
 
-/// Copies one direction until EOF (then half-closes the writer) or an error.
-async fn pump<R, W>(r: &mut R, w: &mut W, count: &mut u64, boundary: &mut Boundary) -> io::Result<()>
+/// After the drain deadline, how long a session may take to reach a point where no request is
+/// in flight before it is cut.
+const DRAIN_GRACE: std::time::Duration = std::time::Duration::from_millis(1500);
+
+/// What both directions know about requests in flight, to end a session on the drain deadline
+/// only between requests: every Query/Sync answered by its ReadyForQuery, no extended-protocol
+/// message awaiting its Sync, no transaction open, both directions between messages. (Both
+/// pumps run in the session's task; atomics only make the sharing `Send`.)
+#[derive(Debug)]
+struct Flow {
+    syncs_sent: AtomicU64,
+    readies: AtomicU64,
+    unsynced: AtomicBool,
+    idle: AtomicBool,
+    up_settled: AtomicBool,
+    down_settled: AtomicBool,
+    closing: AtomicBool,
+    stop: CancellationToken,
+}
+
+impl Flow {
+    fn new() -> Flow {
+        Flow {
+            syncs_sent: AtomicU64::new(0),
+            readies: AtomicU64::new(0),
+            unsynced: AtomicBool::new(false),
+            idle: AtomicBool::new(true),
+            up_settled: AtomicBool::new(true),
+            down_settled: AtomicBool::new(true),
+            closing: AtomicBool::new(false),
+            stop: CancellationToken::new(),
+        }
+    }
+
+    fn quiescent(&self) -> bool {
+        self.syncs_sent.load(Relaxed) == self.readies.load(Relaxed)
+            && !self.unsynced.load(Relaxed)
+            && self.idle.load(Relaxed)
+            && self.up_settled.load(Relaxed)
+            && self.down_settled.load(Relaxed)
+    }
+
+    /// Client bytes about to go upstream: counted before the write, so the request is in
+    /// flight from the moment it was read.
+    fn client_bytes(&self, b: &mut Boundary, data: &[u8]) {
+        self.up_settled.store(false, Relaxed);
+        b.feed(data, |s| match s {
+            Seen::Start(b'Q' | b'S' | b'F') => {
+                self.syncs_sent.fetch_add(1, Relaxed);
+                self.unsynced.store(false, Relaxed);
+            }
+            Seen::Start(b'P' | b'B' | b'E' | b'D' | b'C' | b'H') => self.unsynced.store(true, Relaxed),
+            _ => {}
+        });
+    }
+
+    /// Upstream bytes that reached the client.
+    fn upstream_bytes(&self, b: &mut Boundary, data: &[u8]) {
+        b.feed(data, |s| match s {
+            Seen::Start(b'Z') => {
+                self.readies.fetch_add(1, Relaxed);
+            }
+            Seen::First(b'Z', status) => self.idle.store(status == b'I', Relaxed),
+            _ => {}
+        });
+        self.down_settled.store(b.at_boundary(), Relaxed);
+    }
+
+    /// Ends the session now if it is between requests and the drain deadline has passed.
+    fn stop_if_quiescent(&self) -> bool {
+        let stop = self.closing.load(Relaxed) && self.quiescent();
+        if stop {
+            self.stop.cancel();
+        }
+        stop
+    }
+}
+
+/// Client → upstream until EOF (then half-closes the writer), an error, or `flow.stop`
+/// (checked only between reads, so a message is never cut).
+async fn client_to_upstream<R, W>(r: &mut R, w: &mut W, count: &mut u64, flow: &Flow, mut b: Boundary) -> io::Result<()>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
     let mut buf = vec![0u8; FORWARD_BUF];
     loop {
+        let n = tokio::select! {
+            biased;
+            _ = flow.stop.cancelled() => return Ok(()),
+            n = r.read(&mut buf) => n?,
+        };
+        if n == 0 {
+            let _ = w.shutdown().await;
+            return Ok(());
+        }
+        flow.client_bytes(&mut b, &buf[..n]);
+        w.write_all(&buf[..n]).await?;
+        w.flush().await?;
+        *count += n as u64;
+        flow.up_settled.store(b.at_boundary(), Relaxed);
+    }
+}
+
+/// Upstream → client until EOF, an error, or (draining) the session is between requests.
+async fn upstream_to_client<R, W>(r: &mut R, w: &mut W, count: &mut u64, flow: &Flow) -> io::Result<()>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let mut buf = vec![0u8; FORWARD_BUF];
+    let mut b = Boundary::default();
+    loop {
         let n = r.read(&mut buf).await?;
         if n == 0 {
             let _ = w.shutdown().await;
             return Ok(());
         }
+        flow.down_settled.store(false, Relaxed);
         w.write_all(&buf[..n]).await?;
         w.flush().await?;
         *count += n as u64;
-        boundary.feed(&buf[..n]);
+        flow.upstream_bytes(&mut b, &buf[..n]);
+        if flow.stop_if_quiescent() {
+            return Ok(());
+        }
     }
 }
 
-/// Forwards until either side is done (the protocol has no use for half-open sessions) or the
-/// drain deadline passes.
+/// Forwards until either side is done (the protocol has no use for half-open sessions) or,
+/// after the drain deadline, the session is between requests (then FATAL 57P01, as PostgreSQL
+/// ends an idle session at shutdown; a request already forwarded always gets its answer).
 pub(super) async fn forward(s: &Session, ready: Ready) -> Stats {
     let Ready { client, upstream } = ready;
     let mut stats = Stats::default();
     let (mut cio, mut uio) = (client.io, upstream.io);
-    let mut up_b = Boundary::default();
-    let mut down_b = Boundary::default();
+    let flow = Flow::new();
+    let mut first = Boundary::default();
     if !client.buf.is_empty() {
+        flow.client_bytes(&mut first, &client.buf);
         if uio.write_all(&client.buf).await.is_err() || uio.flush().await.is_err() {
             return stats;
         }
         stats.up += client.buf.len() as u64;
-        up_b.feed(&client.buf);
+        flow.up_settled.store(first.at_boundary(), Relaxed);
     }
     let (mut cr, mut cw) = tokio::io::split(&mut cio);
     let (mut ur, mut uw) = tokio::io::split(&mut uio);
-    let killed = tokio::select! {
-        r = pump(&mut cr, &mut uw, &mut stats.up, &mut up_b) => { log_end("client", r); false }
-        r = pump(&mut ur, &mut cw, &mut stats.down, &mut down_b) => { log_end("upstream", r); false }
-        _ = s.shared.kill.cancelled() => true,
+    let kill = &s.shared.kill;
+    let watch = async {
+        kill.cancelled().await;
+        flow.closing.store(true, Relaxed);
+        flow.stop_if_quiescent();
+        tokio::time::sleep(DRAIN_GRACE).await;
     };
-    if killed {
+    let (ended_by, cut) = tokio::select! {
+        r = client_to_upstream(&mut cr, &mut uw, &mut stats.up, &flow, first) => ("client", r.map(|_| false)),
+        r = upstream_to_client(&mut ur, &mut cw, &mut stats.down, &flow) => ("upstream", r.map(|_| false)),
+        _ = watch => ("drain", Ok(true)),
+    };
+    let stopped = flow.stop.is_cancelled();
+    let cut = match cut {
+        Ok(true) => true,
+        r => {
+            log_end(ended_by, r.map(|_| ()));
+            false
+        }
+    };
+    if stopped || cut {
         stats.killed = true;
+        let clean = stopped || flow.down_settled.load(Relaxed);
+        let up_clean = stopped || flow.up_settled.load(Relaxed);
         let bye = async {
-            if down_b.at_boundary() {
+            if clean {
                 let _ = cw.write_all(&PgRefusal::Shutdown.to_frame()).await;
             }
             let _ = cw.shutdown().await;
-            if up_b.at_boundary() {
+            if up_clean {
                 let _ = uw.write_all(b"X\0\0\0\x04").await;
             }
             let _ = uw.shutdown().await;
@@ -134,22 +282,66 @@ mod tests {
         let mut b = Boundary::default();
         let msg = b"Q\0\0\0\x0dSELECT 1\0";
         assert!(b.at_boundary());
-        b.feed(&msg[..2]);
+        b.feed(&msg[..2], |_| {});
         assert!(!b.at_boundary());
-        b.feed(&msg[2..7]);
+        b.feed(&msg[2..7], |_| {});
         assert!(!b.at_boundary());
-        b.feed(&msg[7..]);
+        b.feed(&msg[7..], |_| {});
         assert!(b.at_boundary());
         // two messages in one chunk, the second cut in its body
         let mut two = msg.to_vec();
         two.extend_from_slice(b"X\0\0\0\x04");
         two.extend_from_slice(&msg[..9]);
-        b.feed(&two);
+        b.feed(&two, |_| {});
         assert!(!b.at_boundary());
-        b.feed(&msg[9..]);
+        b.feed(&msg[9..], |_| {});
         assert!(b.at_boundary());
         // a bogus negative length does not wedge the tracker
-        b.feed(b"Z\xff\xff\xff\xff");
+        b.feed(b"Z\xff\xff\xff\xff", |_| {});
         assert!(b.at_boundary());
+    }
+
+    fn msg(t: u8, body: &[u8]) -> Vec<u8> {
+        let mut m = vec![t];
+        m.extend_from_slice(&(body.len() as i32 + 4).to_be_bytes());
+        m.extend_from_slice(body);
+        m
+    }
+
+    #[test]
+    fn flow_is_quiescent_only_between_requests() {
+        let f = Flow::new();
+        let (mut up, mut down) = (Boundary::default(), Boundary::default());
+        let settle = |f: &Flow, up: &Boundary| f.up_settled.store(up.at_boundary(), Relaxed);
+        assert!(f.quiescent());
+        f.client_bytes(&mut up, &msg(b'Q', b"select 1\0"));
+        settle(&f, &up);
+        assert!(!f.quiescent(), "query in flight");
+        let reply = [msg(b'T', b"\0\0"), msg(b'C', b"SELECT 1\0"), msg(b'Z', b"I")].concat();
+        // the ReadyForQuery split inside its header, then before its status byte
+        f.upstream_bytes(&mut down, &reply[..reply.len() - 4]);
+        assert!(!f.quiescent());
+        f.upstream_bytes(&mut down, &reply[reply.len() - 4..reply.len() - 1]);
+        assert!(!f.quiescent());
+        f.upstream_bytes(&mut down, &reply[reply.len() - 1..]);
+        assert!(f.quiescent(), "answered");
+        // extended protocol: Parse/Bind/Execute wait for their Sync
+        f.client_bytes(&mut up, &[msg(b'P', b"\0x\0\0\0"), msg(b'B', b"\0\0"), msg(b'E', b"\0")].concat());
+        settle(&f, &up);
+        f.upstream_bytes(&mut down, &msg(b'1', b""));
+        assert!(!f.quiescent(), "no Sync yet");
+        f.client_bytes(&mut up, &msg(b'S', b""));
+        settle(&f, &up);
+        f.upstream_bytes(&mut down, &msg(b'Z', b"T"));
+        assert!(!f.quiescent(), "inside a transaction block");
+        f.client_bytes(&mut up, &msg(b'Q', b"commit\0"));
+        settle(&f, &up);
+        f.upstream_bytes(&mut down, &[msg(b'C', b"COMMIT\0"), msg(b'Z', b"I")].concat());
+        assert!(f.quiescent());
+        // a client message half read
+        f.client_bytes(&mut up, &msg(b'Q', b"select 2\0")[..3]);
+        settle(&f, &up);
+        assert!(!f.quiescent());
+        assert!(!f.stop_if_quiescent() && !f.stop.is_cancelled());
     }
 }

@@ -44,10 +44,18 @@ impl Session {
         }
         let name = String::from_utf8_lossy(user).into_owned();
         let users = self.l.users();
-        let found = users.get(&name).and_then(|u| u.redis_argon2.as_ref().map(|phc| (u, phc)));
+        let found = users.get(&name).filter(|u| !u.redis_argon2.is_empty()).map(|u| (u, &u.redis_argon2));
         let check = async {
             match found {
-                Some((_, phc)) => self.l.argon.verify(&name, phc, password).await,
+                Some((_, phcs)) => {
+                    // Two hashes while a rotation is in progress: either password works.
+                    for phc in phcs {
+                        if self.l.argon.verify(&name, phc, password).await {
+                            return true;
+                        }
+                    }
+                    false
+                }
                 None => {
                     self.l.argon.burn(password).await;
                     false
@@ -109,12 +117,29 @@ impl Session {
                 None => Stream::Plain(tcp),
             };
             let mut buf = BytesMut::new();
-            if let Some(cmd) = auth_command(creds).map_err(UpstreamError::Refused)? {
-                io.write_all(&cmd).await.map_err(UpstreamError::Connect)?;
-                io.flush().await.map_err(UpstreamError::Connect)?;
-                let reply = read_one_reply(&mut io, &mut buf).await?;
-                if reply.as_ref() != OK {
-                    return Err(UpstreamError::Refused(String::from_utf8_lossy(&reply).trim_end().to_string()));
+            if let (user, Some(secret)) = creds {
+                // Rotation window: the password was changed at Redis and the secret file follows.
+                // WRONGPASS waits (within the connect deadline) for the file to change.
+                let wait_until = tokio::time::Instant::now() + limit.saturating_sub(Duration::from_millis(500));
+                let mut pw = secret.read().map_err(UpstreamError::Refused)?;
+                loop {
+                    io.write_all(&auth_line(user.as_deref(), &pw)).await.map_err(UpstreamError::Connect)?;
+                    io.flush().await.map_err(UpstreamError::Connect)?;
+                    let reply = read_one_reply(&mut io, &mut buf).await?;
+                    if reply.as_ref() == OK {
+                        break;
+                    }
+                    let refused = || UpstreamError::Refused(String::from_utf8_lossy(&reply).trim_end().to_string());
+                    if !reply.starts_with(b"-WRONGPASS") {
+                        return Err(refused());
+                    }
+                    match secret.changed_from(&pw, wait_until).await {
+                        Some(next) => {
+                            tracing::info!("upstream refused the runtime password; retrying with the rotated one");
+                            pw = next;
+                        }
+                        None => return Err(refused()),
+                    }
                 }
             }
             if self.commands.fallback {
@@ -317,11 +342,14 @@ impl Session {
 /// The AUTH command for `creds` (None when there is no password to send).
 fn auth_command(creds: &(Option<String>, Option<SecretRef>)) -> Result<Option<Vec<u8>>, String> {
     let Some(pw) = &creds.1 else { return Ok(None) };
-    let pw = pw.read()?;
-    Ok(Some(match &creds.0 {
+    Ok(Some(auth_line(creds.0.as_deref(), &pw.read()?)))
+}
+
+fn auth_line(user: Option<&str>, pw: &crate::config::Secret) -> Vec<u8> {
+    match user {
         Some(u) => codec::encode_command(&[b"AUTH", u.as_bytes(), pw.expose().as_bytes()]),
         None => codec::encode_command(&[b"AUTH", pw.expose().as_bytes()]),
-    }))
+    }
 }
 
 /// Reads exactly one reply (RESP2) during the proxy's own login exchange.

@@ -98,6 +98,9 @@ pub(super) struct Session {
     down_bytes: u64,
 }
 
+/// After the drain deadline, how long a session may take to deliver the replies it owes.
+const DRAIN_GRACE: std::time::Duration = std::time::Duration::from_millis(1500);
+
 /// An error line.
 pub(super) fn error_line(msg: &str) -> Bytes {
     Bytes::from(format!("{msg}\r\n"))
@@ -318,13 +321,18 @@ impl Session {
         if self.identity.is_some() {
             self.auth_deadline = None;
         }
+        // Drain deadline: stop taking requests (outside MULTI), deliver every reply owed, then
+        // close; a session still owed replies after DRAIN_GRACE is cut.
+        let mut drain_cut: Option<Instant> = None;
         loop {
-            if self.quitting && self.replies.idle() {
+            let draining = drain_cut.is_some();
+            if (self.quitting || draining && !self.in_multi) && self.replies.idle() {
                 let _ = client.shutdown().await;
-                return ConnOutcome::Closed;
+                return if draining { ConnOutcome::Drained } else { ConnOutcome::Closed };
             }
+            let take_requests = !(draining && !self.in_multi);
             tokio::select! {
-                r = client.read_buf(&mut cbuf) => {
+                r = client.read_buf(&mut cbuf), if take_requests => {
                     match r {
                         Ok(0) | Err(_) => return ConnOutcome::Closed,
                         Ok(_) => {}
@@ -408,7 +416,8 @@ impl Session {
                     self.audit(Event::ConnRejected, "refused", Some("login_timeout"));
                     return ConnOutcome::Timeout;
                 }
-                _ = kill.cancelled() => return ConnOutcome::Drained,
+                _ = kill.cancelled(), if !draining => drain_cut = Some(Instant::now() + DRAIN_GRACE),
+                _ = sleep_until_opt(drain_cut) => return ConnOutcome::Drained,
             }
         }
     }
