@@ -330,7 +330,7 @@ impl Session {
                 let _ = client.shutdown().await;
                 return if draining { ConnOutcome::Drained } else { ConnOutcome::Closed };
             }
-            let take_requests = !(draining && !self.in_multi);
+            let take_requests = !draining || self.in_multi;
             tokio::select! {
                 r = client.read_buf(&mut cbuf), if take_requests => {
                     match r {
