@@ -465,7 +465,8 @@ impl ListenerChecks<'_> {
             return Err(self.err(r.name.span(), format!("duplicate listener name {:?}", r.name.get_ref())));
         }
         let listen = addr(r.listen, self.file, self.src)?;
-        if !self.listens.insert(listen) {
+        // Port 0 asks the kernel for a free port: distinct addresses however many use it.
+        if listen.port() != 0 && !self.listens.insert(listen) {
             return Err(self.err(r.listen.span(), format!("address {listen} is used by two listeners")));
         }
         if r.upstream.get_ref().rsplit_once(':').and_then(|(_, port)| port.parse::<u16>().ok()).is_none() {
