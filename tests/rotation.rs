@@ -425,3 +425,134 @@ async fn rotations_under_load_fail_no_request() {
         assert!(m.contains(&format!("portcullis_upstream_up{{listener=\"{l}\"}} 1")), "{m}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drain_under_load_answers_every_accepted_request() {
+    let rt = runtime("drain_runtime").await;
+    pg().psql_admin_db(
+        "app",
+        "create table drain_log(worker int, n int); grant select, insert on drain_log to app_runtime;",
+    )
+    .unwrap();
+    let p = rotation_proxy("[limits]\ndrain_timeout = \"1s\"", rt).await;
+    let (pg_port, redis_port) = (p.port(), p.redis_port());
+    let Proxy { running, dir: _dir, .. } = p;
+    let shared = running.shared().clone();
+    let started = Arc::new(tokio::sync::Barrier::new(10));
+
+    // Postgres: autocommit inserts (workers 0-2) and two-statement transactions (3-4). Each
+    // records what it was told succeeded, and how it ended.
+    let mut pg_tasks = Vec::new();
+    for w in 0..5i32 {
+        let started = started.clone();
+        pg_tasks.push(tokio::spawn(async move {
+            let mut c = connect(pg_port, "app", OLD_PW, "").await.expect("session opens");
+            let mut acked = Vec::new();
+            started.wait().await;
+            for n in 1.. {
+                let r = if w < 3 {
+                    c.execute("insert into drain_log values ($1, $2)", &[&w, &n]).await.map(|_| ())
+                } else {
+                    async {
+                        let tx = c.transaction().await?;
+                        tx.execute("insert into drain_log values ($1, $2)", &[&w, &n]).await?;
+                        tx.execute("insert into drain_log values ($1, $2)", &[&w, &-n]).await?;
+                        tx.commit().await
+                    }
+                    .await
+                };
+                match r {
+                    Ok(()) => acked.push(n),
+                    Err(e) => {
+                        let how = match e.as_db_error() {
+                            Some(d) => d.code().code().to_string(),
+                            None if e.is_closed() => "closed".to_string(),
+                            None => format!("{e:?}"),
+                        };
+                        return (w, acked, how);
+                    }
+                }
+            }
+            unreachable!()
+        }));
+    }
+    // Redis: pipelines of 16 INCRs (workers 0-2) and MULTI/EXEC blocks (3).
+    let mut redis_tasks = Vec::new();
+    for w in 0..4usize {
+        let started = started.clone();
+        redis_tasks.push(tokio::spawn(async move {
+            let mut r = Resp::connect(redis_port).await.expect("Redis session opens");
+            let key = format!("drain:{w}");
+            assert_eq!(r.call(&["AUTH", "app", OLD_PW]).await.as_deref(), Some(&b"+OK\r\n"[..]));
+            assert_eq!(r.call(&["DEL", &key]).await.as_deref(), Some(&b":0\r\n"[..]));
+            started.wait().await;
+            let mut answered = 0u64;
+            loop {
+                let batch = if w < 3 {
+                    vec![vec!["INCR", key.as_str()]; 16]
+                } else {
+                    vec![vec!["MULTI"], vec!["INCR", key.as_str()], vec!["INCR", key.as_str()], vec!["EXEC"]]
+                };
+                if r.send(&batch).await.is_err() {
+                    return (key, answered);
+                }
+                for _ in 0..batch.len() {
+                    match r.read().await {
+                        Some(reply) if w < 3 => {
+                            assert!(reply.starts_with(b":"), "{reply:?}");
+                            answered += 1;
+                        }
+                        Some(reply) if reply.starts_with(b"*2\r\n") => answered += 2,
+                        Some(reply) => assert!(reply == b"+OK\r\n" || reply == b"+QUEUED\r\n", "{reply:?}"),
+                        None => return (key, answered),
+                    }
+                }
+            }
+        }));
+    }
+    started.wait().await;
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let t = Instant::now();
+    let drain = tokio::spawn(running.drain());
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(shared.draining.load(Relaxed));
+    assert!(connect(pg_port, "app", OLD_PW, "").await.is_err(), "no new sessions while draining");
+
+    let mut direct = RawRedis::direct_as("portcullis", &redis().password).await;
+    for t in redis_tasks {
+        let (key, answered) = tokio::time::timeout(Duration::from_secs(10), t).await.expect("ends").unwrap();
+        assert!(answered > 50, "{key}: load ran ({answered})");
+        let v = direct.call(&["GET", &key]).await;
+        assert_eq!(
+            String::from_utf8_lossy(&v),
+            format!("${}\r\n{answered}\r\n", answered.to_string().len()),
+            "{key}: every INCR Redis executed was answered, and every answer was executed"
+        );
+    }
+    for t in pg_tasks {
+        let (w, acked, how) = tokio::time::timeout(Duration::from_secs(10), t).await.expect("ends").unwrap();
+        assert!(acked.len() > 20, "worker {w}: load ran ({})", acked.len());
+        assert!(how == "57P01" || how == "closed", "worker {w} ended with 57P01 or a closed connection: {how}");
+        let rows = pg()
+            .psql_admin_db("app", &format!("select n from drain_log where worker = {w} and n > 0 order by n"))
+            .unwrap();
+        let rows: Vec<i32> = rows.lines().filter_map(|l| l.trim().parse().ok()).collect();
+        assert!(
+            rows == acked,
+            "worker {w}: committed rows are exactly the acknowledged ones: {} rows (last {:?}), {} acknowledged (last {:?})",
+            rows.len(),
+            rows.last(),
+            acked.len(),
+            acked.last()
+        );
+        if w >= 3 {
+            let neg = pg()
+                .psql_admin_db("app", &format!("select count(*) from drain_log where worker = {w} and n < 0"))
+                .unwrap();
+            assert_eq!(neg.trim().parse::<usize>().unwrap(), acked.len(), "whole transactions only");
+        }
+    }
+    tokio::time::timeout(Duration::from_secs(10), drain).await.expect("drain finishes").unwrap();
+    assert!(t.elapsed() < Duration::from_secs(5), "drain took {:?}", t.elapsed());
+    assert_eq!(shared.tracker.len(), 0, "no session left");
+}
