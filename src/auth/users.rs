@@ -256,6 +256,33 @@ mod tests {
         let e = Users::load(&p).unwrap_err();
         assert_eq!(e.line, Some(3), "{e}");
     }
+
+    #[test]
+    fn rotation_lists_need_a_shared_salt() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("u.toml");
+        let a = ScramVerifier::from_password("a", b"salt-one-16bytes", 4096).encode();
+        let b = ScramVerifier::from_password("b", b"salt-one-16bytes", 4096).encode();
+        let other_salt = ScramVerifier::from_password("b", b"salt-two-16bytes", 4096).encode();
+        let argon = crate::auth::argon::hash(b"x").unwrap();
+        let write = |scram: &str, argon: &str| {
+            std::fs::write(&p, format!("[[users]]\nname = \"u\"\npostgres_scram = {scram}\nredis_argon2 = {argon}\n"))
+                .unwrap()
+        };
+        write(&format!("[\"{a}\", \"{b}\"]"), &format!("[\"{argon}\", \"{argon}\"]"));
+        let users = Users::load(&p).unwrap();
+        let u = users.get("u").unwrap();
+        assert_eq!((u.postgres_scram.len(), u.redis_argon2.len()), (2, 2));
+        write(&format!("\"{a}\""), &format!("\"{argon}\""));
+        assert_eq!(Users::load(&p).unwrap().get("u").unwrap().postgres_scram.len(), 1, "a single string still works");
+        write(&format!("[\"{a}\", \"{other_salt}\"]"), &format!("\"{argon}\""));
+        let e = Users::load(&p).unwrap_err();
+        assert!(e.to_string().contains("must share salt and iterations") && e.line == Some(3), "{e}");
+        write("[]", &format!("\"{argon}\""));
+        assert!(Users::load(&p).unwrap_err().to_string().contains("empty list"));
+        write(&format!("\"{a}\""), "[\"not-a-phc\"]");
+        assert!(Users::load(&p).unwrap_err().to_string().contains("not a PHC string"));
+    }
 }
 
 /// A users file that can be reloaded: the current users and the content hash they came from.
