@@ -60,6 +60,8 @@ struct Front {
     name: &'static str,
     child: Child,
     port: u16,
+    /// The process doing the work (runuser forks the real one).
+    cpu_pid: u32,
 }
 
 impl Drop for Front {
@@ -73,7 +75,8 @@ impl Drop for Front {
 fn spawn(name: &'static str, mut cmd: Command, port: u16, dir: &Path) -> Option<Front> {
     let log = std::fs::File::create(dir.join(format!("{name}.log"))).ok()?;
     let child = cmd.stdin(Stdio::null()).stdout(log.try_clone().ok()?).stderr(log).spawn().ok()?;
-    let f = Front { name, child, port };
+    let cpu_pid = child.id();
+    let f = Front { name, child, port, cpu_pid };
     if wait_port(port) {
         Some(f)
     } else {
@@ -87,7 +90,8 @@ fn installed(bin: &str) -> bool {
     Command::new("sh").args(["-c", &format!("command -v {bin}")]).output().is_ok_and(|o| o.status.success())
 }
 
-fn portcullis(dir: &Path, pg_port: u16, redis_port: u16) -> Front {
+/// Portcullis and the port of its Postgres listener (the Front's port is the Redis one).
+fn portcullis(dir: &Path, pg_port: u16, redis_port: u16) -> (Front, u16) {
     let c = certs();
     let pg = pg();
     let r = redis();
@@ -131,16 +135,9 @@ upstream_password_file = "{d}/redis.pass"
     std::fs::write(dir.join("portcullis.toml"), config).unwrap();
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_portcullis"));
     cmd.args(["run", "--config"]).arg(dir.join("portcullis.toml")).env("PORTCULLIS_LOG", "warn");
-    let mut f = spawn("portcullis", cmd, rp, dir).expect("portcullis starts");
-    wait_port(pp);
-    f.port = rp;
-    // the Postgres port rides along in the name table below
-    PORTS.with(|p| p.borrow_mut().insert("portcullis-pg", pp));
-    f
-}
-
-thread_local! {
-    static PORTS: std::cell::RefCell<BTreeMap<&'static str, u16>> = std::cell::RefCell::new(BTreeMap::new());
+    let f = spawn("portcullis", cmd, rp, dir).expect("portcullis starts");
+    assert!(wait_port(pp));
+    (f, pp)
 }
 
 fn combined_pem(dir: &Path) -> PathBuf {
@@ -229,16 +226,10 @@ fn pgbouncer(dir: &Path, pg_port: u16) -> Option<Front> {
     cmd.args(["-u", "postgres", "--", "pgbouncer"]).arg(bdir.join("pgbouncer.ini"));
     let mut f = spawn("pgbouncer", cmd, port, dir)?;
     // runuser forks pgbouncer: account the CPU of the real process
-    std::thread::sleep(Duration::from_millis(300));
     if let Some(pid) = child_pid(f.child.id()) {
-        PIDS.with(|p| p.borrow_mut().insert("pgbouncer", pid));
+        f.cpu_pid = pid;
     }
-    f.port = port;
     Some(f)
-}
-
-thread_local! {
-    static PIDS: std::cell::RefCell<BTreeMap<&'static str, u32>> = std::cell::RefCell::new(BTreeMap::new());
 }
 
 fn child_pid(parent: u32) -> Option<u32> {
@@ -406,8 +397,7 @@ fn main() {
     let idle_n: usize = env_or("E2E_IDLE_CONNECTIONS", &idle_default).parse().unwrap_or(1000);
     let dir = tempfile::tempdir().unwrap();
     let (pg, r) = (pg(), redis());
-    let proxy = portcullis(dir.path(), pg.port, r.port);
-    let proxy_pg = PORTS.with(|p| p.borrow()["portcullis-pg"]);
+    let (proxy, proxy_pg) = portcullis(dir.path(), pg.port, r.port);
     let fronts: Vec<Front> = [stunnel(dir.path(), r.port), haproxy(dir.path(), r.port)].into_iter().flatten().collect();
     let bouncer = pgbouncer(dir.path(), pg.port);
 
@@ -430,7 +420,7 @@ fn main() {
             tls: true,
             user: ru.clone(),
             pw: rp.clone(),
-            pid: Some(f.child.id()),
+            pid: Some(f.cpu_pid),
         });
     }
     redis_targets.push(RedisTarget {
