@@ -464,13 +464,7 @@ fn main() {
         }
         let mut pg_targets = vec![("direct-tls", pg.port, "app_runtime", pg.runtime_password.as_str(), None)];
         if let Some(b) = &bouncer {
-            pg_targets.push((
-                "pgbouncer",
-                b.port,
-                "app",
-                APP_PASSWORD,
-                PIDS.with(|p| p.borrow().get("pgbouncer").copied()),
-            ));
+            pg_targets.push(("pgbouncer", b.port, "app", APP_PASSWORD, Some(b.cpu_pid)));
         }
         pg_targets.push(("portcullis", proxy_pg, "app", APP_PASSWORD, Some(proxy.child.id())));
         for (kind, args) in [
