@@ -340,6 +340,19 @@ fn idle_rss(
         let mut admin = RawRedis::direct_as("portcullis", &redis().password).await;
         admin.call(&["CONFIG", "SET", "maxclients", "60000"]).await;
         tokio::time::sleep(Duration::from_millis(500)).await;
+        // Postgres first (freed Redis sessions would leave reusable heap behind).
+        let base = rss_kib(pid);
+        let mut pgs = Vec::new();
+        for _ in 0..pg_n {
+            if let Ok(c) = connect(pg_port, "app", APP_PASSWORD, "").await {
+                pgs.push(c);
+            }
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let pg_per = (rss_kib(pid).saturating_sub(base)) as f64 / pgs.len().max(1) as f64;
+        let pg_opened = pgs.len();
+        drop(pgs);
+        tokio::time::sleep(Duration::from_secs(1)).await;
         let base = rss_kib(pid);
         let mut conns = Vec::with_capacity(n);
         let tls = std::sync::Arc::new(client_tls(false));
@@ -369,17 +382,7 @@ fn idle_rss(
         let redis_per = (rss_kib(pid).saturating_sub(base)) as f64 / conns.len().max(1) as f64;
         let opened = conns.len();
         drop(conns);
-        tokio::time::sleep(Duration::from_secs(2)).await;
-        let base = rss_kib(pid);
-        let mut pgs = Vec::new();
-        for _ in 0..pg_n {
-            if let Ok(c) = connect(pg_port, "app", APP_PASSWORD, "").await {
-                pgs.push(c);
-            }
-        }
-        tokio::time::sleep(Duration::from_secs(1)).await;
-        let pg_per = (rss_kib(pid).saturating_sub(base)) as f64 / pgs.len().max(1) as f64;
-        eprintln!("idle: {opened} Redis and {} Postgres connections opened", pgs.len());
+        eprintln!("idle: {opened} Redis and {pg_opened} Postgres connections opened");
         (redis_per, pg_per)
     })
 }
@@ -531,7 +534,11 @@ fn main() {
         println!("{line}");
     }
     if run("idle") {
-        let (redis_kib, pg_kib) = idle_rss(&rt, proxy.child.id(), proxy.port, proxy_pg, idle_n, 150);
+        // A fresh process: the benchmarks' freed buffers would absorb the growth.
+        let idle_dir = dir.path().join("idle");
+        std::fs::create_dir_all(&idle_dir).unwrap();
+        let (fresh, fresh_pg) = portcullis(&idle_dir, pg.port, r.port);
+        let (redis_kib, pg_kib) = idle_rss(&rt, fresh.child.id(), fresh.port, fresh_pg, idle_n, 150);
         println!(
             "\nPortcullis RSS per idle authenticated TLS connection: Redis {redis_kib:.1} KiB ({idle_n} connections), Postgres {pg_kib:.1} KiB (150: PostgreSQL's max_connections)"
         );

@@ -143,6 +143,11 @@ impl AclRules {
         Ok(AclRules { cmds, keys })
     }
 
+    /// True when some rule names a subcommand or first argument (`+client|id`, `+select|0`).
+    pub fn has_subcommand_rules(&self) -> bool {
+        self.cmds.iter().any(|r| matches!(r, CmdRule::Sub(..)))
+    }
+
     /// True when the user has key restrictions (so key positions matter).
     pub fn restricts_keys(&self) -> bool {
         self.keys.is_some()

@@ -13,8 +13,17 @@ use tokio_util::sync::CancellationToken;
 use super::reply::PgRefusal;
 use super::session::{Ready, Session};
 
-/// Read buffer per direction.
-const FORWARD_BUF: usize = 64 * 1024;
+/// Read buffer per direction: small while a session is idle or chatty (most are), doubled up
+/// to the maximum whenever a read fills it (bulk results, COPY).
+const FORWARD_BUF_MIN: usize = 4 * 1024;
+const FORWARD_BUF_MAX: usize = 64 * 1024;
+
+/// Grows a read buffer that the last read filled.
+fn grow(buf: &mut Vec<u8>, n: usize) {
+    if n == buf.len() && buf.len() < FORWARD_BUF_MAX {
+        buf.resize(buf.len() * 2, 0);
+    }
+}
 
 /// What a session moved.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -164,7 +173,7 @@ where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
-    let mut buf = vec![0u8; FORWARD_BUF];
+    let mut buf = vec![0u8; FORWARD_BUF_MIN];
     loop {
         let n = tokio::select! {
             biased;
@@ -180,6 +189,7 @@ where
         w.flush().await?;
         *count += n as u64;
         flow.up_settled.store(b.at_boundary(), Relaxed);
+        grow(&mut buf, n);
     }
 }
 
@@ -189,7 +199,7 @@ where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
-    let mut buf = vec![0u8; FORWARD_BUF];
+    let mut buf = vec![0u8; FORWARD_BUF_MIN];
     let mut b = Boundary::default();
     loop {
         let n = r.read(&mut buf).await?;
@@ -205,6 +215,7 @@ where
         if flow.stop_if_quiescent() {
             return Ok(());
         }
+        grow(&mut buf, n);
     }
 }
 

@@ -223,6 +223,21 @@ pub fn cstr_lower(a: &[u8]) -> String {
     String::from_utf8_lossy(cstr(a)).to_ascii_lowercase()
 }
 
+/// `name` lowercased (into `buf` when it fits: no allocation on the hot path); `None` when it
+/// cannot be a command name (not ASCII).
+fn lower<'b>(name: &[u8], buf: &'b mut [u8; 32]) -> Option<std::borrow::Cow<'b, str>> {
+    if !name.is_ascii() {
+        return None;
+    }
+    if name.len() > buf.len() {
+        return Some(std::borrow::Cow::Owned(String::from_utf8_lossy(name).to_ascii_lowercase()));
+    }
+    let out = &mut buf[..name.len()];
+    out.copy_from_slice(name);
+    out.make_ascii_lowercase();
+    std::str::from_utf8(out).ok().map(std::borrow::Cow::Borrowed)
+}
+
 /// What a request names.
 #[derive(Debug, Clone, Copy)]
 pub enum Lookup<'a> {
@@ -368,7 +383,8 @@ impl CommandTable {
         if first.contains(&0) {
             return Lookup::Unknown;
         }
-        let Some(top) = self.commands.get(&String::from_utf8_lossy(first).to_ascii_lowercase()) else {
+        let mut buf = [0u8; 32];
+        let Some(top) = lower(first, &mut buf).and_then(|n| self.commands.get(n.as_ref())) else {
             return Lookup::Unknown;
         };
         if top.subcommands.is_empty() {
@@ -377,7 +393,7 @@ impl CommandTable {
         match args.get(1) {
             None => Lookup::Command(top), // arity decides: "wrong number of arguments for 'client'"
             Some(sub) if sub.contains(&0) => Lookup::UnknownSubcommand(top),
-            Some(sub) => match top.subcommands.get(&String::from_utf8_lossy(sub).to_ascii_lowercase()) {
+            Some(sub) => match lower(sub, &mut buf).and_then(|n| top.subcommands.get(n.as_ref())) {
                 Some(s) => Lookup::Command(s),
                 None => Lookup::UnknownSubcommand(top),
             },

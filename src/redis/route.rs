@@ -5,7 +5,7 @@
 use bytes::{Bytes, BytesMut};
 
 use super::codec::{self, ArgRef, ProtocolError};
-use super::command::{Lookup, cstr_lower};
+use super::command::{Lookup, cstr_eq, cstr_lower};
 use super::login::{OK, UPSTREAM_DOWN};
 use super::replies::{Effect, Slot, SubKind};
 use super::session::{Piece, ReplyMode, Session, error_line, sanitize};
@@ -114,7 +114,7 @@ impl Session {
             self.quitting = true;
             return;
         }
-        if cstr_lower(&args[0]) == "quit" {
+        if cstr_eq(&args[0], b"quit") {
             self.local(Bytes::from_static(OK));
             self.quitting = true;
             return;
@@ -138,7 +138,7 @@ impl Session {
 
     /// After authentication. Returns true when the request's own bytes go upstream.
     async fn route_authenticated(&mut self, args: &[Bytes], up: &mut Option<Stream>, pieces: &mut Vec<Piece>) -> bool {
-        if cstr_lower(&args[0]) == "quit" {
+        if cstr_eq(&args[0], b"quit") {
             // Redis 7.0 answers QUIT before looking it up: +OK after the pending replies, close.
             self.local(Bytes::from_static(OK));
             self.quitting = true;
@@ -211,7 +211,12 @@ impl Session {
             self.deny(reply, &name, None);
             return false;
         }
-        let first_arg = if info.name.contains('|') { None } else { args.get(1).map(|a| cstr_lower(a)) };
+        // Only `+cmd|arg` rules look at a plain command's first argument.
+        let first_arg = if info.name.contains('|') || !id.rules.has_subcommand_rules() {
+            None
+        } else {
+            args.get(1).map(|a| cstr_lower(a))
+        };
         let keys = if id.rules.restricts_keys() { info.keys(args) } else { Keys::Known(Vec::new()) };
         let first_key = match &keys {
             Keys::Known(k) => k.first().map(|k| k.to_vec()),
@@ -223,7 +228,11 @@ impl Session {
             return false;
         }
         // The TTL policy: rewrite, deny, or follow with EXPIRE … NX.
-        let plan = super::ttl::plan(info, args, &self.cfg.ttl, now_ms());
+        let plan = if self.cfg.ttl.is_empty() {
+            super::ttl::TtlPlan::default()
+        } else {
+            super::ttl::plan(info, args, &self.cfg.ttl, now_ms())
+        };
         for (rule, action) in &plan.actions {
             self.shared.metrics.redis_ttl(&self.cfg.name, rule, action.as_str());
         }
@@ -373,9 +382,9 @@ impl Session {
         loop {
             match codec::parse_request_resume(cbuf, at, &self.cfg.limits, unauth, &mut self.partial) {
                 Ok(Some(r)) => {
-                    if let Some(ArgRef::Range(a)) = r.args.first() {
-                        let name = cstr_lower(&cbuf[a.clone()]);
-                        may_authenticate |= name == "auth" || name == "hello";
+                    if unauth && let Some(ArgRef::Range(a)) = r.args.first() {
+                        let name = &cbuf[a.clone()];
+                        may_authenticate |= cstr_eq(name, b"auth") || cstr_eq(name, b"hello");
                     }
                     at = r.raw.end;
                     reqs.push(r);
