@@ -172,6 +172,11 @@ impl Running {
         &self.shared
     }
 
+    /// The Postgres listeners' state, in config order.
+    pub fn pg_listeners(&self) -> &[Arc<PgListener>] {
+        &self.pg
+    }
+
     fn spawn_background(&self) {
         // Upstream health probe: a TCP dial per listener every few seconds feeds `upstream_up`.
         let (shared, pg, redis, stop) =
@@ -247,6 +252,11 @@ impl Running {
                     if l.users_changed() {
                         let c = l.config();
                         reload_users(&shared, &c.name, || l.reload_users());
+                    }
+                    let c = l.config();
+                    if let Some(pool) = c.pool {
+                        l.pool.prune(pool.idle_timeout).await;
+                        shared.metrics.pg_pool_idle(&c.name, l.pool.idle());
                     }
                 }
                 for l in &redis {

@@ -116,6 +116,8 @@ pub struct Metrics {
     lockouts_total: IntCounter,
     cert_expiry: GaugeVec,
     posture_ok: GaugeVec,
+    pg_pool_checkouts_total: IntCounterVec,
+    pg_pool_idle: IntGaugeVec,
     config_reloads_total: IntCounterVec,
 }
 
@@ -182,8 +184,27 @@ impl Metrics {
         )
         .expect("valid metric");
         r.register(Box::new(posture_ok.clone())).expect("registered once");
+        let pg_pool_checkouts_total = IntCounterVec::new(
+            Opts::new(
+                "pg_pool_checkouts_total",
+                "Upstream logins of pool = \"session\" listeners: hit (a parked session reused) or miss (a new login).",
+            )
+            .namespace("portcullis"),
+            &["listener", "result"],
+        )
+        .expect("valid metric");
+        r.register(Box::new(pg_pool_checkouts_total.clone())).expect("registered once");
+        let pg_pool_idle = IntGaugeVec::new(
+            Opts::new("pg_pool_idle", "Parked upstream sessions of pool = \"session\" listeners.")
+                .namespace("portcullis"),
+            &["listener"],
+        )
+        .expect("valid metric");
+        r.register(Box::new(pg_pool_idle.clone())).expect("registered once");
         Metrics {
             posture_ok,
+            pg_pool_checkouts_total,
+            pg_pool_idle,
             connections_total: counter(
                 &r,
                 "connections_total",
@@ -331,6 +352,16 @@ impl Metrics {
     pub fn upstream_connect(&self, listener: &str, seconds: f64, ok: bool) {
         self.upstream_connect_seconds.with_label_values(&[listener]).observe(seconds);
         self.upstream_up.with_label_values(&[listener]).set(i64::from(ok));
+    }
+
+    /// A pool checkout on a `pool = "session"` listener.
+    pub fn pg_pool_checkout(&self, listener: &str, hit: bool) {
+        self.pg_pool_checkouts_total.with_label_values(&[listener, if hit { "hit" } else { "miss" }]).inc();
+    }
+
+    /// Parked upstream sessions of a listener.
+    pub fn pg_pool_idle(&self, listener: &str, n: usize) {
+        self.pg_pool_idle.with_label_values(&[listener]).set(n as i64);
     }
 
     /// Sets `upstream_up` for a listener (health probe).

@@ -275,6 +275,12 @@ struct RawPostgres {
     posture_database: Option<String>,
     #[serde(default)]
     posture_interval: Option<Spanned<String>>,
+    #[serde(default)]
+    pool: Option<Spanned<String>>,
+    #[serde(default)]
+    pool_size: Option<usize>,
+    #[serde(default)]
+    pool_idle_timeout: Option<Spanned<String>>,
 }
 
 /// Everything the proxy needs, validated.
@@ -425,6 +431,19 @@ pub struct PostgresListener {
     pub posture_database: Option<String>,
     /// How often (default 5m).
     pub posture_interval: Duration,
+    /// Upstream session reuse (`pool = "session"`): on client disconnect the upstream session
+    /// is reset with `DISCARD ALL` and handed to the next client with the same upstream user,
+    /// database and startup parameters. `None`: one upstream session per client (default).
+    pub pool: Option<PgPool>,
+}
+
+/// `pool = "session"` settings of a Postgres listener.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PgPool {
+    /// Idle upstream sessions kept per (upstream user, database, parameters) (default 20).
+    pub size: usize,
+    /// An idle upstream session older than this is closed (default 60s).
+    pub idle_timeout: Duration,
 }
 
 /// What every listener has, checked the same way for both protocols.
@@ -573,6 +592,25 @@ impl RawConfig {
             if auth == PgAuthMode::Cert && tls.client_ca.is_none() {
                 return Err(err(p.name.span(), "auth = \"cert\" needs [tls] client_ca".into()));
             }
+            let pool = match p.pool.as_ref().map(|s| (s.get_ref().as_str(), s.span())) {
+                None | Some(("none", _)) => None,
+                Some(("session", span)) => {
+                    if auth == PgAuthMode::Passthrough {
+                        return Err(err(
+                            span,
+                            "pool = \"session\" needs auth scram or cert (with passthrough the upstream role is the client's own)".into(),
+                        ));
+                    }
+                    Some(PgPool {
+                        size: p.pool_size.unwrap_or(20),
+                        idle_timeout: match &p.pool_idle_timeout {
+                            Some(d) => dur(d, file, src)?,
+                            None => Duration::from_secs(60),
+                        },
+                    })
+                }
+                Some((v, span)) => return Err(err(span, format!("pool {v:?}: expected none or session"))),
+            };
             postgres.push(PostgresListener {
                 name: p.name.into_inner(),
                 listen,
@@ -593,6 +631,7 @@ impl RawConfig {
                     Some(d) => dur(d, file, src)?,
                     None => Duration::from_secs(300),
                 },
+                pool,
             });
         }
         let mut redis = Vec::new();

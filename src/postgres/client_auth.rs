@@ -9,7 +9,7 @@ use tokio::io::AsyncWriteExt;
 
 use super::codec::{self, Body, CodecError, MsgReader};
 use super::reply::PgRefusal;
-use super::session::{PG, Session, Step};
+use super::session::{PG, Session, Step, Upstream};
 use super::startup::Startup;
 use super::upstream::{self as pgup, LoginError};
 use crate::audit::Event;
@@ -161,7 +161,7 @@ impl Session {
         startup: &Startup,
         user: &User,
         greeting: Bytes,
-    ) -> Step<MsgReader<Stream>> {
+    ) -> Step<Upstream> {
         let mut hello = BytesMut::from(&greeting[..]);
         hello.extend_from_slice(&codec::auth_ok());
         codec::send(&mut c.io, &hello).await.map_err(|_| ConnOutcome::Closed)?;
@@ -180,6 +180,15 @@ impl Session {
             ("database".to_string(), startup.database.clone().unwrap_or_else(|| startup.user.clone())),
         ];
         params.extend(startup.forwarded_params().cloned());
+        if let Some(pool) = self.cfg.pool {
+            let key = super::pool::pool_key(&up_user, &params[1].1, &params[2..]);
+            let parked = self.l.pool.checkout(&key, pool.idle_timeout).await;
+            self.shared.metrics.pg_pool_checkout(&self.cfg.name, parked.is_some());
+            self.pool_key = Some(key);
+            if let Some(p) = parked {
+                return Ok(Upstream::Pooled(p));
+            }
+        }
         let t = Instant::now();
         // Leave time to tell the client if the upstream is slow.
         let limit = self.shared.config().limits.upstream_connect_timeout.min(self.remaining());
@@ -214,7 +223,7 @@ impl Session {
         match res {
             Ok(Ok(u)) => {
                 self.shared.metrics.upstream_connect(&self.cfg.name, elapsed, true);
-                Ok(u)
+                Ok(Upstream::Fresh(u))
             }
             Ok(Err(LoginError::Error(e))) if !e.code.starts_with("28") => {
                 // About the client's own request (unknown database, server starting, ...): pass it on.

@@ -12,6 +12,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::reply::PgRefusal;
 use super::session::{Ready, Session};
+use crate::net::stream::Stream;
 
 /// Read buffer per direction: small while a session is idle or chatty (most are), doubled up
 /// to the maximum whenever a read fills it (bulk results, COPY).
@@ -49,34 +50,37 @@ pub(super) struct Boundary {
 /// What [`Boundary::feed`] saw.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum Seen {
-    /// A message of this type started.
-    Start(u8),
+    /// A message of this type started, at this offset of the chunk being fed (`None` when its
+    /// header began in an earlier chunk).
+    Start(u8, Option<usize>),
     /// The first body byte of a message of this type (ReadyForQuery's transaction status).
     First(u8, u8),
 }
 
 impl Boundary {
     /// Accounts for bytes that went by, reporting message starts and first body bytes.
-    pub(super) fn feed(&mut self, mut data: &[u8], mut seen: impl FnMut(Seen)) {
-        while !data.is_empty() {
+    pub(super) fn feed(&mut self, data: &[u8], mut seen: impl FnMut(Seen)) {
+        let mut pos = 0;
+        while pos < data.len() {
             if self.remaining > 0 {
                 if let Some(t) = self.first_of.take() {
-                    seen(Seen::First(t, data[0]));
+                    seen(Seen::First(t, data[pos]));
                 }
-                let n = (self.remaining.min(data.len() as u64)) as usize;
+                let n = (self.remaining.min((data.len() - pos) as u64)) as usize;
                 self.remaining -= n as u64;
-                data = &data[n..];
+                pos += n;
                 continue;
             }
-            let n = (5 - self.have).min(data.len());
-            self.header[self.have..self.have + n].copy_from_slice(&data[..n]);
+            let header_at = (self.have == 0).then_some(pos);
+            let n = (5 - self.have).min(data.len() - pos);
+            self.header[self.have..self.have + n].copy_from_slice(&data[pos..pos + n]);
             self.have += n;
-            data = &data[n..];
+            pos += n;
             if self.have == 5 {
                 let len = i32::from_be_bytes([self.header[1], self.header[2], self.header[3], self.header[4]]);
                 self.remaining = u64::try_from(len).unwrap_or(4).saturating_sub(4);
                 self.have = 0;
-                seen(Seen::Start(self.header[0]));
+                seen(Seen::Start(self.header[0], header_at));
                 self.first_of = (self.remaining > 0).then_some(self.header[0]);
             }
         }
@@ -106,11 +110,27 @@ struct Flow {
     down_settled: AtomicBool,
     closing: AtomicBool,
     stop: CancellationToken,
+    /// `pool = "session"`: the client's Terminate is kept from the upstream.
+    pooling: bool,
+    /// Where in the chunk being fed the client's Terminate starts (`usize::MAX`: none).
+    terminate_at: AtomicU64,
+    /// Something makes the upstream session unfit for reuse (a Terminate split across reads).
+    spoiled: AtomicBool,
+}
+
+/// An upstream session a client left cleanly, for the pool.
+pub(super) struct Leftover {
+    pub(super) io: Stream,
+    /// A transaction block was open (ROLLBACK before the reset).
+    pub(super) in_transaction: bool,
 }
 
 impl Flow {
-    fn new() -> Flow {
+    fn new(pooling: bool) -> Flow {
         Flow {
+            pooling,
+            terminate_at: AtomicU64::new(u64::MAX),
+            spoiled: AtomicBool::new(false),
             syncs_sent: AtomicU64::new(0),
             readies: AtomicU64::new(0),
             unsynced: AtomicBool::new(false),
@@ -135,19 +155,33 @@ impl Flow {
     fn client_bytes(&self, b: &mut Boundary, data: &[u8]) {
         self.up_settled.store(false, Relaxed);
         b.feed(data, |s| match s {
-            Seen::Start(b'Q' | b'S' | b'F') => {
+            Seen::Start(b'Q' | b'S' | b'F', _) => {
                 self.syncs_sent.fetch_add(1, Relaxed);
                 self.unsynced.store(false, Relaxed);
             }
-            Seen::Start(b'P' | b'B' | b'E' | b'D' | b'C' | b'H') => self.unsynced.store(true, Relaxed),
+            Seen::Start(b'P' | b'B' | b'E' | b'D' | b'C' | b'H', _) => self.unsynced.store(true, Relaxed),
+            Seen::Start(b'X', at) if self.pooling => match at {
+                Some(at) => self.terminate_at.store(at as u64, Relaxed),
+                None => self.spoiled.store(true, Relaxed),
+            },
             _ => {}
         });
+    }
+
+    /// The upstream session can serve another client: every request answered, no extended
+    /// protocol batch open, both directions between messages.
+    fn reusable(&self) -> bool {
+        self.syncs_sent.load(Relaxed) == self.readies.load(Relaxed)
+            && !self.unsynced.load(Relaxed)
+            && self.up_settled.load(Relaxed)
+            && self.down_settled.load(Relaxed)
+            && !self.spoiled.load(Relaxed)
     }
 
     /// Upstream bytes that reached the client.
     fn upstream_bytes(&self, b: &mut Boundary, data: &[u8]) {
         b.feed(data, |s| match s {
-            Seen::Start(b'Z') => {
+            Seen::Start(b'Z', _) => {
                 self.readies.fetch_add(1, Relaxed);
             }
             Seen::First(b'Z', status) => self.idle.store(status == b'I', Relaxed),
@@ -181,10 +215,22 @@ where
             n = r.read(&mut buf) => n?,
         };
         if n == 0 {
-            let _ = w.shutdown().await;
+            if !flow.pooling {
+                let _ = w.shutdown().await;
+            }
             return Ok(());
         }
         flow.client_bytes(&mut b, &buf[..n]);
+        let at = flow.terminate_at.load(Relaxed);
+        if at != u64::MAX {
+            // Pooling: the client's Terminate ends the client's session, not the upstream's.
+            let at = at as usize;
+            w.write_all(&buf[..at]).await?;
+            w.flush().await?;
+            *count += at as u64;
+            flow.up_settled.store(true, Relaxed);
+            return Ok(());
+        }
         w.write_all(&buf[..n]).await?;
         w.flush().await?;
         *count += n as u64;
@@ -222,16 +268,17 @@ where
 /// Forwards until either side is done (the protocol has no use for half-open sessions) or,
 /// after the drain deadline, the session is between requests (then FATAL 57P01, as PostgreSQL
 /// ends an idle session at shutdown; a request already forwarded always gets its answer).
-pub(super) async fn forward(s: &Session, ready: Ready) -> Stats {
+/// With `pooling`, a client that leaves cleanly leaves its upstream session behind for reuse.
+pub(super) async fn forward(s: &Session, ready: Ready, pooling: bool) -> (Stats, Option<Leftover>) {
     let Ready { client, upstream } = ready;
     let mut stats = Stats::default();
     let (mut cio, mut uio) = (client.io, upstream.io);
-    let flow = Flow::new();
+    let flow = Flow::new(pooling);
     let mut first = Boundary::default();
     if !client.buf.is_empty() {
         flow.client_bytes(&mut first, &client.buf);
         if uio.write_all(&client.buf).await.is_err() || uio.flush().await.is_err() {
-            return stats;
+            return (stats, None);
         }
         stats.up += client.buf.len() as u64;
         flow.up_settled.store(first.at_boundary(), Relaxed);
@@ -251,6 +298,7 @@ pub(super) async fn forward(s: &Session, ready: Ready) -> Stats {
         _ = watch => ("drain", Ok(true)),
     };
     let stopped = flow.stop.is_cancelled();
+    let client_left = ended_by == "client" && matches!(cut, Ok(false));
     let cut = match cut {
         Ok(true) => true,
         r => {
@@ -258,6 +306,11 @@ pub(super) async fn forward(s: &Session, ready: Ready) -> Stats {
             false
         }
     };
+    if pooling && client_left && !stopped && flow.reusable() {
+        drop((cr, cw, ur, uw));
+        let _ = cio.shutdown().await;
+        return (stats, Some(Leftover { io: uio, in_transaction: !flow.idle.load(Relaxed) }));
+    }
     if stopped || cut {
         stats.killed = true;
         let clean = stopped || flow.down_settled.load(Relaxed);
@@ -274,7 +327,7 @@ pub(super) async fn forward(s: &Session, ready: Ready) -> Stats {
         };
         let _ = tokio::time::timeout(std::time::Duration::from_secs(1), bye).await;
     }
-    stats
+    (stats, None)
 }
 
 fn log_end(side: &str, r: io::Result<()>) {
@@ -321,7 +374,7 @@ mod tests {
 
     #[test]
     fn flow_is_quiescent_only_between_requests() {
-        let f = Flow::new();
+        let f = Flow::new(false);
         let (mut up, mut down) = (Boundary::default(), Boundary::default());
         let settle = |f: &Flow, up: &Boundary| f.up_settled.store(up.at_boundary(), Relaxed);
         assert!(f.quiescent());

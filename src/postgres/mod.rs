@@ -6,6 +6,7 @@ pub mod cancel;
 mod client_auth;
 pub mod codec;
 mod forward;
+pub mod pool;
 pub mod reply;
 pub mod session;
 pub mod startup;
@@ -60,6 +61,8 @@ pub struct PgListener {
     pub cancels: cancel::CancelMap,
     /// SCRAM SaltedPassword cache for upstream logins, keyed by a hash of (password, salt, iterations).
     salted: DashMap<[u8; 32], [u8; 32]>,
+    /// Parked upstream sessions (`pool = "session"`).
+    pub pool: pool::SessionPool,
 }
 
 impl PgListener {
@@ -73,6 +76,7 @@ impl PgListener {
             upstream_tls: RwLock::new(tls),
             cancels: cancel::CancelMap::default(),
             salted: DashMap::new(),
+            pool: pool::SessionPool::default(),
         })
     }
 
@@ -175,6 +179,7 @@ mod tests {
             protected_tables: vec![],
             posture_database: None,
             posture_interval: std::time::Duration::from_secs(300),
+            pool: None,
         };
         let l = PgListener::new(&cfg).unwrap();
         assert!(l.cached_salted_password("pw", b"salt", 4096).is_none());

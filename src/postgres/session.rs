@@ -59,6 +59,17 @@ pub(super) struct Session {
     pub(super) deadline: Instant,
     /// Held for the session's lifetime.
     pub(super) cancel_key: Option<CancelKey>,
+    /// `pool = "session"`: which parked sessions this client may take and give back.
+    pub(super) pool_key: Option<String>,
+    /// The upstream session's startup state (for parking it after the client leaves).
+    pub(super) upstream_startup: Option<super::pool::UpstreamStartup>,
+}
+
+/// The upstream side after login: a fresh session (its startup messages still to relay) or a
+/// parked one (its startup state replayed by the proxy).
+pub(super) enum Upstream {
+    Fresh(MsgReader<Stream>),
+    Pooled(super::pool::Pooled),
 }
 
 /// After negotiation: a TLS (or allowed plaintext) stream and the StartupMessage.
@@ -99,6 +110,8 @@ pub async fn handle(acc: Accepted, l: Arc<PgListener>, shared: Arc<Shared>) {
         upstream_user: None,
         deadline: Instant::now() + limit,
         cancel_key: None,
+        pool_key: None,
+        upstream_startup: None,
     };
     let result = tokio::select! {
         r = tokio::time::timeout(limit, s.login(tcp, admitted)) => r,
@@ -117,7 +130,15 @@ pub async fn handle(acc: Accepted, l: Arc<PgListener>, shared: Arc<Shared>) {
         }
     };
     let started = Instant::now();
-    let stats = super::forward::forward(&s, ready).await;
+    let pooling = s.cfg.pool.is_some() && s.pool_key.is_some() && s.upstream_startup.is_some();
+    let (stats, leftover) = super::forward::forward(&s, ready, pooling).await;
+    if let (Some(left), Some(pool), Some(key), Some(startup)) =
+        (leftover, s.cfg.pool, s.pool_key.take(), s.upstream_startup.take())
+    {
+        // The client is answered and gone: reset and park the upstream session off its path.
+        let l = s.l.clone();
+        tokio::spawn(async move { l.pool.checkin(key, left.io, startup, left.in_transaction, pool.size).await });
+    }
     let (bin, bout) = shared.metrics.bytes(&s.cfg.name);
     bin.inc_by(stats.up);
     bout.inc_by(stats.down);
@@ -200,8 +221,10 @@ impl Session {
                 return self.finish_startup(client, upstream).await;
             }
         };
-        let upstream = self.upstream_login(&mut client, &startup, &user, greeting).await?;
-        self.finish_startup(client, upstream).await
+        match self.upstream_login(&mut client, &startup, &user, greeting).await? {
+            Upstream::Fresh(upstream) => self.finish_startup(client, upstream).await,
+            Upstream::Pooled(p) => self.finish_pooled(client, p).await,
+        }
     }
 
     pub(super) async fn locked_out(&self, io: &mut Stream) -> ConnOutcome {
@@ -371,6 +394,7 @@ impl Session {
     async fn finish_startup(&mut self, mut c: MsgReader<Stream>, mut u: MsgReader<Stream>) -> Step<Ready> {
         let mut out = BytesMut::new();
         let mut is_superuser: Option<bool> = None;
+        let mut recorded = super::pool::UpstreamStartup::default();
         loop {
             let m = match u.message(codec::MAX_BACKEND_LOGIN_MESSAGE).await {
                 Ok(m) => m,
@@ -384,6 +408,7 @@ impl Session {
                     {
                         is_superuser = Some(v == "on");
                     }
+                    recorded.set_param(&m.frame, &m.body);
                     out.extend_from_slice(&m.frame);
                 }
                 b'K' if self.cancel_key.is_none() => {
@@ -393,6 +418,7 @@ impl Session {
                     };
                     let ours = self.l.cancels.register(pid, secret);
                     self.cancel_key = Some(CancelKey { l: self.l.clone(), pid, secret: ours });
+                    (recorded.pid, recorded.secret) = (pid, secret);
                     out.extend_from_slice(&codec::backend_key_data(pid, ours));
                 }
                 b'K' => {
@@ -423,6 +449,32 @@ impl Session {
         }
         out.extend_from_slice(&u.buf.split());
         codec::send(&mut c.io, &out).await.map_err(|_| ConnOutcome::Closed)?;
+        if self.pool_key.is_some() {
+            self.upstream_startup = Some(recorded);
+        }
         Ok(Ready { client: c, upstream: u })
+    }
+
+    /// A parked upstream session: the proxy replays its startup state (ParameterStatus as it
+    /// stands after the reset, a new proxy cancel key, ReadyForQuery). The superuser rule
+    /// applies as to a fresh login.
+    async fn finish_pooled(&mut self, mut c: MsgReader<Stream>, p: super::pool::Pooled) -> Step<Ready> {
+        let startup = p.startup;
+        if self.cfg.deny_superuser && startup.is_superuser != Some(false) {
+            let user = self.user.clone().unwrap_or_default();
+            let text = "the upstream session has superuser privileges";
+            return Err(self.reject(&mut c.io, &user, PgRejectReason::Superuser, text).await);
+        }
+        let mut out = BytesMut::new();
+        for (_, frame) in &startup.params {
+            out.extend_from_slice(frame);
+        }
+        let ours = self.l.cancels.register(startup.pid, startup.secret);
+        self.cancel_key = Some(CancelKey { l: self.l.clone(), pid: startup.pid, secret: ours });
+        out.extend_from_slice(&codec::backend_key_data(startup.pid, ours));
+        out.extend_from_slice(b"Z\0\0\0\x05I");
+        codec::send(&mut c.io, &out).await.map_err(|_| ConnOutcome::Closed)?;
+        self.upstream_startup = Some(startup);
+        Ok(Ready { client: c, upstream: MsgReader::new(p.io, BytesMut::new()) })
     }
 }

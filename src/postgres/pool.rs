@@ -1,0 +1,223 @@
+//! `pool = "session"`: upstream sessions reused across clients, as PgBouncer's session mode.
+//! A session whose client left cleanly (Terminate or EOF between requests, every request
+//! answered) is reset — `ROLLBACK` if a transaction was open, then `DISCARD ALL` (PgBouncer's
+//! `server_reset_query`) — and parked. The next client logging in with the same upstream user,
+//! database and startup parameters gets it: the proxy replays the session's ParameterStatus
+//! messages (as they stand after the reset), a fresh proxy cancel key and ReadyForQuery.
+//! A parked session is held by nobody else, checked for liveness when taken, and closed after
+//! `pool_idle_timeout`; at most `pool_size` are parked per key.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use super::codec::{self, Body, MsgReader};
+use crate::net::stream::Stream;
+
+/// How long the reset may take before the session is given up.
+const RESET_DEADLINE: Duration = Duration::from_secs(5);
+
+/// What a client must be told about an upstream session in place of its startup exchange.
+#[derive(Debug, Clone, Default)]
+pub struct UpstreamStartup {
+    /// ParameterStatus frames by name, in the order the server sent them.
+    pub params: Vec<(String, Bytes)>,
+    /// BackendKeyData of the upstream session.
+    pub pid: i32,
+    /// Its cancel secret.
+    pub secret: i32,
+    /// `is_superuser` as reported.
+    pub is_superuser: Option<bool>,
+}
+
+impl UpstreamStartup {
+    /// Records (or updates) a ParameterStatus message.
+    pub fn set_param(&mut self, frame: &Bytes, body: &Bytes) {
+        let mut b = Body(body.clone());
+        let (Ok(name), Ok(value)) = (b.cstr(), b.cstr_lossy()) else { return };
+        if name == "is_superuser" {
+            self.is_superuser = Some(value == "on");
+        }
+        match self.params.iter_mut().find(|(n, _)| *n == name) {
+            Some(p) => p.1 = frame.clone(),
+            None => self.params.push((name, frame.clone())),
+        }
+    }
+}
+
+/// A parked upstream session.
+#[derive(Debug)]
+pub struct Pooled {
+    /// The stream, between requests, transaction idle.
+    pub io: Stream,
+    /// What to replay to the client that takes it.
+    pub startup: UpstreamStartup,
+    parked: Instant,
+}
+
+/// Which sessions may be handed to which client: upstream user, database and every startup
+/// parameter the client sent (they shape the session: `options`, `application_name`, ...).
+pub fn pool_key(user: &str, database: &str, params: &[(String, String)]) -> String {
+    let mut p: Vec<&(String, String)> = params.iter().collect();
+    p.sort();
+    let mut k = format!("{user}\0{database}");
+    for (n, v) in p {
+        k.push('\0');
+        k.push_str(n);
+        k.push('=');
+        k.push_str(v);
+    }
+    k
+}
+
+/// The parked sessions of one listener.
+#[derive(Debug, Default)]
+pub struct SessionPool {
+    idle: Mutex<HashMap<String, Vec<Pooled>>>,
+}
+
+impl SessionPool {
+    /// Parked sessions, all keys.
+    pub fn idle(&self) -> usize {
+        self.idle.lock().map(|m| m.values().map(Vec::len).sum()).unwrap_or(0)
+    }
+
+    /// A live parked session for `key` (most recently parked first); stale and dead ones are closed.
+    pub async fn checkout(&self, key: &str, idle_timeout: Duration) -> Option<Pooled> {
+        loop {
+            let p = {
+                let mut m = self.idle.lock().ok()?;
+                let v = m.get_mut(key)?;
+                let p = v.pop();
+                if v.is_empty() {
+                    m.remove(key);
+                }
+                p?
+            };
+            if p.parked.elapsed() >= idle_timeout {
+                close(p.io).await;
+                continue;
+            }
+            let mut p = p;
+            // Between requests the server sends nothing; anything readable now (EOF, an
+            // error after an administrator's terminate, a notice) means: not this one.
+            let mut probe = [0u8; 1];
+            match tokio::time::timeout(Duration::ZERO, p.io.read(&mut probe)).await {
+                Err(_) => return Some(p),
+                Ok(_) => continue,
+            }
+        }
+    }
+
+    /// Resets a session a client left and parks it; closes it when the reset fails or the
+    /// key already has `size` parked.
+    pub async fn checkin(
+        &self,
+        key: String,
+        io: Stream,
+        mut startup: UpstreamStartup,
+        in_transaction: bool,
+        size: usize,
+    ) {
+        let reset = async {
+            let mut r = MsgReader::new(io, BytesMut::new());
+            if in_transaction {
+                run(&mut r, "ROLLBACK", &mut startup).await?;
+            }
+            run(&mut r, "DISCARD ALL", &mut startup).await?;
+            if !r.buf.is_empty() {
+                return None;
+            }
+            Some(r.io)
+        };
+        let Ok(Some(io)) = tokio::time::timeout(RESET_DEADLINE, reset).await else {
+            tracing::debug!("upstream session reset failed; closed");
+            return;
+        };
+        if startup.is_superuser != Some(false) {
+            return close(io).await;
+        }
+        let rejected = {
+            let Ok(mut m) = self.idle.lock() else { return };
+            let v = m.entry(key).or_default();
+            if v.len() < size {
+                v.push(Pooled { io, startup, parked: Instant::now() });
+                None
+            } else {
+                Some(io)
+            }
+        };
+        if let Some(io) = rejected {
+            close(io).await;
+        }
+    }
+
+    /// Closes parked sessions older than `idle_timeout`.
+    pub async fn prune(&self, idle_timeout: Duration) {
+        let stale: Vec<Pooled> = {
+            let Ok(mut m) = self.idle.lock() else { return };
+            let mut out = Vec::new();
+            for v in m.values_mut() {
+                let (old, keep): (Vec<Pooled>, Vec<Pooled>) =
+                    std::mem::take(v).into_iter().partition(|p| p.parked.elapsed() >= idle_timeout);
+                *v = keep;
+                out.extend(old);
+            }
+            m.retain(|_, v| !v.is_empty());
+            out
+        };
+        for p in stale {
+            close(p.io).await;
+        }
+    }
+}
+
+/// Runs one simple query during the reset; ParameterStatus messages update `startup`.
+async fn run(r: &mut MsgReader<Stream>, sql: &str, startup: &mut UpstreamStartup) -> Option<()> {
+    let mut q = BytesMut::with_capacity(sql.len() + 6);
+    q.extend_from_slice(b"Q");
+    q.extend_from_slice(&(sql.len() as i32 + 5).to_be_bytes());
+    q.extend_from_slice(sql.as_bytes());
+    q.extend_from_slice(b"\0");
+    codec::send(&mut r.io, &q).await.ok()?;
+    let mut ok = false;
+    loop {
+        let m = r.message(codec::MAX_BACKEND_LOGIN_MESSAGE).await.ok()?;
+        match m.tag {
+            b'C' => ok = true,
+            b'S' => startup.set_param(&m.frame, &m.body),
+            b'N' | b'A' => {}
+            b'Z' => return (ok && m.body.first() == Some(&b'I')).then_some(()),
+            _ => return None,
+        }
+    }
+}
+
+/// Ends an upstream session politely (Terminate), whatever state it is in.
+async fn close(mut io: Stream) {
+    let _ = tokio::time::timeout(Duration::from_secs(1), async {
+        let _ = io.write_all(b"X\0\0\0\x04").await;
+        let _ = io.shutdown().await;
+    })
+    .await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_separate_users_databases_and_parameters() {
+        let p = |v: &[(&str, &str)]| v.iter().map(|(a, b)| (a.to_string(), b.to_string())).collect::<Vec<_>>();
+        let a = pool_key("app_runtime", "app", &p(&[("application_name", "x"), ("client_encoding", "UTF8")]));
+        let same = pool_key("app_runtime", "app", &p(&[("client_encoding", "UTF8"), ("application_name", "x")]));
+        assert_eq!(a, same, "parameter order does not matter");
+        assert_ne!(a, pool_key("other", "app", &p(&[("application_name", "x"), ("client_encoding", "UTF8")])));
+        assert_ne!(a, pool_key("app_runtime", "db2", &p(&[("application_name", "x"), ("client_encoding", "UTF8")])));
+        assert_ne!(a, pool_key("app_runtime", "app", &p(&[("application_name", "y"), ("client_encoding", "UTF8")])));
+        assert_ne!(a, pool_key("app_runtime", "app", &p(&[("client_encoding", "UTF8")])));
+    }
+}
