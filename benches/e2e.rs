@@ -90,8 +90,9 @@ fn installed(bin: &str) -> bool {
     Command::new("sh").args(["-c", &format!("command -v {bin}")]).output().is_ok_and(|o| o.status.success())
 }
 
-/// Portcullis and the port of its Postgres listener (the Front's port is the Redis one).
-fn portcullis(dir: &Path, pg_port: u16, redis_port: u16) -> (Front, u16) {
+/// Portcullis and the ports of its Postgres listeners, one-to-one and `pool = "session"` (the
+/// Front's port is the Redis one).
+fn portcullis(dir: &Path, pg_port: u16, redis_port: u16) -> (Front, u16, u16) {
     let c = certs();
     let pg = pg();
     let r = redis();
@@ -104,6 +105,7 @@ fn portcullis(dir: &Path, pg_port: u16, redis_port: u16) -> (Front, u16) {
     );
     std::fs::write(dir.join("users.toml"), users).unwrap();
     let (pp, rp) = (portcullis::demo::free_port().unwrap(), portcullis::demo::free_port().unwrap());
+    let pool_port = portcullis::demo::free_port().unwrap();
     let config = format!(
         r#"[admin]
 listen = "127.0.0.1:0"
@@ -121,6 +123,15 @@ users_file = "{d}/users.toml"
 upstream_user = "app_runtime"
 upstream_password_file = "{d}/runtime.pass"
 allow = ["127.0.0.0/8"]
+[[postgres]]
+name = "pgpool"
+listen = "127.0.0.1:{pool_port}"
+upstream = "127.0.0.1:{pg_port}"
+users_file = "{d}/users.toml"
+upstream_user = "app_runtime"
+upstream_password_file = "{d}/runtime.pass"
+allow = ["127.0.0.0/8"]
+pool = "session"
 [[redis]]
 name = "cache"
 listen = "127.0.0.1:{rp}"
@@ -136,8 +147,8 @@ upstream_password_file = "{d}/redis.pass"
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_portcullis"));
     cmd.args(["run", "--config"]).arg(dir.join("portcullis.toml")).env("PORTCULLIS_LOG", "warn");
     let f = spawn("portcullis", cmd, rp, dir).expect("portcullis starts");
-    assert!(wait_port(pp));
-    (f, pp)
+    assert!(wait_port(pp) && wait_port(pool_port));
+    (f, pp, pool_port)
 }
 
 fn combined_pem(dir: &Path) -> PathBuf {
@@ -400,7 +411,7 @@ fn main() {
     let idle_n: usize = env_or("E2E_IDLE_CONNECTIONS", &idle_default).parse().unwrap_or(1000);
     let dir = tempfile::tempdir().unwrap();
     let (pg, r) = (pg(), redis());
-    let (proxy, proxy_pg) = portcullis(dir.path(), pg.port, r.port);
+    let (proxy, proxy_pg, proxy_pool) = portcullis(dir.path(), pg.port, r.port);
     let fronts: Vec<Front> = [stunnel(dir.path(), r.port), haproxy(dir.path(), r.port)].into_iter().flatten().collect();
     let bouncer = pgbouncer(dir.path(), pg.port);
 
@@ -470,6 +481,7 @@ fn main() {
             pg_targets.push(("pgbouncer", b.port, "app", APP_PASSWORD, Some(b.cpu_pid)));
         }
         pg_targets.push(("portcullis", proxy_pg, "app", APP_PASSWORD, Some(proxy.child.id())));
+        pg_targets.push(("portcullis-pool", proxy_pool, "app", APP_PASSWORD, Some(proxy.child.id())));
         for (kind, args) in [
             ("pg", vec!["-S", "-n", "-c", "8", "-j", "2", "-T", secs.as_str()]),
             ("pgconnect", vec!["-S", "-n", "-C", "-c", "8", "-j", "2", "-T", secs.as_str()]),
@@ -489,7 +501,7 @@ fn main() {
         }
     }
     let mut cols: Vec<&str> = redis_targets.iter().map(|t| t.name).collect();
-    for c in ["direct-tls", "pgbouncer"] {
+    for c in ["portcullis-pool", "direct-tls", "pgbouncer"] {
         cols.push(c);
     }
     let mut json = serde_json::Map::new();
@@ -537,7 +549,7 @@ fn main() {
         // A fresh process: the benchmarks' freed buffers would absorb the growth.
         let idle_dir = dir.path().join("idle");
         std::fs::create_dir_all(&idle_dir).unwrap();
-        let (fresh, fresh_pg) = portcullis(&idle_dir, pg.port, r.port);
+        let (fresh, fresh_pg, _) = portcullis(&idle_dir, pg.port, r.port);
         let (redis_kib, pg_kib) = idle_rss(&rt, fresh.child.id(), fresh.port, fresh_pg, idle_n, 150);
         println!(
             "\nPortcullis RSS per idle authenticated TLS connection: Redis {redis_kib:.1} KiB ({idle_n} connections), Postgres {pg_kib:.1} KiB (150: PostgreSQL's max_connections)"

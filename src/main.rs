@@ -175,7 +175,10 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
         Cmd::Run { config } => {
             init_tracing();
             let cfg = portcullis::config::load(&config)?;
-            let rt = tokio::runtime::Runtime::new()?;
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(cfg.limits.worker_threads)
+                .enable_all()
+                .build()?;
             rt.block_on(portcullis::app::run(cfg))?;
             Ok(ExitCode::SUCCESS)
         }

@@ -175,6 +175,8 @@ struct RawLimits {
     upstream_connect_timeout: Spanned<String>,
     #[serde(default = "d_cancel_rate")]
     cancel_per_source_per_second: u32,
+    #[serde(default)]
+    worker_threads: Option<usize>,
 }
 fn d_max_conn() -> usize {
     10_000
@@ -209,6 +211,7 @@ impl Default for RawLimits {
             drain_timeout: d_30s(),
             upstream_connect_timeout: d_10s(),
             cancel_per_source_per_second: d_cancel_rate(),
+            worker_threads: None,
         }
     }
 }
@@ -352,6 +355,9 @@ pub struct Limits {
     pub upstream_connect_timeout: Duration,
     /// Cancel requests accepted per source per second (default 20).
     pub cancel_per_source_per_second: u32,
+    /// Threads serving connections (default: half the CPUs this process may use, at least
+    /// one; a sidecar shares its node with the app). Read at start only.
+    pub worker_threads: usize,
 }
 
 /// `[lockout]`.
@@ -554,6 +560,11 @@ impl RawConfig {
             drain_timeout: dur(&self.limits.drain_timeout, file, src)?,
             upstream_connect_timeout: dur(&self.limits.upstream_connect_timeout, file, src)?,
             cancel_per_source_per_second: self.limits.cancel_per_source_per_second,
+            worker_threads: match self.limits.worker_threads {
+                Some(0) => return Err(ConfigError::at(file, src, None, "[limits] worker_threads must be at least 1")),
+                Some(n) => n,
+                None => std::thread::available_parallelism().map_or(1, |n| n.get().div_ceil(2)),
+            },
         };
         let lockout = Lockout {
             max_failures: self.lockout.max_failures,
