@@ -159,6 +159,11 @@ fn probe(addr: std::net::SocketAddr, path: &str) -> anyhow::Result<u16> {
     line.split_whitespace().nth(1).and_then(|c| c.parse().ok()).context("not an HTTP response")
 }
 
+/// jemalloc: long-lived sessions interleaved with short-lived TLS handshake buffers fragment
+/// glibc's heap (idle memory per connection measured ~50 KiB with it, see benches/e2e.rs).
+#[global_allocator]
+static ALLOC: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match real_main(cli) {

@@ -28,6 +28,24 @@ use crate::policy::redis_acl::AclRules;
 
 const REDIS: Protocol = Protocol::Redis;
 const READ_BUF: usize = 64 * 1024;
+/// Where read buffers start: most sessions are idle or send small batches; a read that fills
+/// the buffer doubles the next one, up to `READ_BUF`.
+const READ_BUF_MIN: usize = 4 * 1024;
+
+/// Makes room for the next read (at least a quarter of `want` spare); returns the spare room.
+fn make_room(buf: &mut BytesMut, want: usize) -> usize {
+    if buf.capacity() - buf.len() < want / 4 {
+        buf.reserve(want);
+    }
+    buf.capacity() - buf.len()
+}
+
+/// After a read of `n` into `spare` bytes of room: a full read asks for a bigger buffer.
+fn adapt(want: &mut usize, n: usize, spare: usize) {
+    if n >= spare {
+        *want = (*want * 2).min(READ_BUF);
+    }
+}
 const TLS_REQUIRED: &[u8] = b"-ERR TLS is required by this server (use rediss:// or --tls)\r\n";
 const MAX_CLIENTS: &[u8] = b"-ERR max number of clients reached\r\n";
 
@@ -173,11 +191,17 @@ pub async fn handle(acc: Accepted, l: Arc<RedisListener>, shared: Arc<Shared>) {
     drop(admission);
 }
 
-async fn read_opt<S: AsyncRead + Unpin>(s: &mut Option<S>, buf: &mut BytesMut) -> std::io::Result<usize> {
+async fn read_opt<S: AsyncRead + Unpin>(
+    s: &mut Option<S>,
+    buf: &mut BytesMut,
+    want: &mut usize,
+) -> std::io::Result<usize> {
     match s {
         Some(s) => {
-            buf.reserve(READ_BUF);
-            s.read_buf(buf).await
+            let spare = make_room(buf, *want);
+            let n = s.read_buf(buf).await?;
+            adapt(want, n, spare);
+            Ok(n)
         }
         None => std::future::pending().await,
     }
@@ -315,8 +339,8 @@ impl Session {
 
     async fn run(&mut self, mut client: Stream) -> ConnOutcome {
         let mut up: Option<Stream> = None;
-        let mut cbuf = BytesMut::with_capacity(READ_BUF);
-        let mut ubuf = BytesMut::with_capacity(READ_BUF);
+        let (mut cbuf, mut ubuf) = (BytesMut::new(), BytesMut::new());
+        let (mut c_want, mut u_want) = (READ_BUF_MIN, READ_BUF_MIN);
         let kill = self.shared.kill.clone();
         if self.identity.is_some() {
             self.auth_deadline = None;
@@ -331,11 +355,12 @@ impl Session {
                 return if draining { ConnOutcome::Drained } else { ConnOutcome::Closed };
             }
             let take_requests = !draining || self.in_multi;
+            let c_spare = make_room(&mut cbuf, c_want);
             tokio::select! {
                 r = client.read_buf(&mut cbuf), if take_requests => {
                     match r {
                         Ok(0) | Err(_) => return ConnOutcome::Closed,
-                        Ok(_) => {}
+                        Ok(n) => adapt(&mut c_want, n, c_spare),
                     }
                     if self.quitting {
                         // Still watching for the client to go away; its further input is void.
@@ -345,9 +370,6 @@ impl Session {
                     if cbuf.len() > QUERY_BUFFER_LIMIT {
                         tracing::warn!("client query buffer over 1 GiB: closing");
                         return ConnOutcome::ProtocolError;
-                    }
-                    if cbuf.capacity() - cbuf.len() < READ_BUF / 4 {
-                        cbuf.reserve(READ_BUF);
                     }
                     loop {
                         let batch = if let Some(d) = self.auth_deadline.filter(|_| self.identity.is_none()) {
@@ -382,7 +404,7 @@ impl Session {
                         }
                     }
                 }
-                r = read_opt(&mut up, &mut ubuf) => {
+                r = read_opt(&mut up, &mut ubuf, &mut u_want) => {
                     match r {
                         Ok(0) | Err(_) => {
                             // The upstream went away: what it sent is out; end.
