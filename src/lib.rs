@@ -16,6 +16,8 @@ pub mod auth;
 pub mod certs;
 pub mod config;
 pub mod demo;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod metrics;
 pub mod net;
 pub mod policy;

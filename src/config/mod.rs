@@ -63,6 +63,13 @@ pub fn load(path: &Path) -> Result<Config, ConfigError> {
     raw.validate(path, &src)
 }
 
+/// Validates config text as if read from `path` (which is only named in errors).
+pub fn load_str(path: &Path, src: &str) -> Result<Config, ConfigError> {
+    let raw: RawConfig =
+        toml::from_str(src).map_err(|e| ConfigError::at(path, src, e.span(), e.message().to_string()))?;
+    raw.validate(path, src)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
