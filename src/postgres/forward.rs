@@ -5,7 +5,7 @@
 use std::io;
 
 use std::sync::atomic::Ordering::Relaxed;
-use std::sync::atomic::{AtomicBool, AtomicU64};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64};
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio_util::sync::CancellationToken;
@@ -116,6 +116,8 @@ struct Flow {
     terminate_at: AtomicU64,
     /// Something makes the upstream session unfit for reuse (a Terminate split across reads).
     spoiled: AtomicBool,
+    /// Type of the last message that started downstream.
+    last_down: AtomicU8,
 }
 
 /// An upstream session a client left cleanly, for the pool.
@@ -131,6 +133,7 @@ impl Flow {
             pooling,
             terminate_at: AtomicU64::new(u64::MAX),
             spoiled: AtomicBool::new(false),
+            last_down: AtomicU8::new(0),
             syncs_sent: AtomicU64::new(0),
             readies: AtomicU64::new(0),
             unsynced: AtomicBool::new(false),
@@ -181,7 +184,9 @@ impl Flow {
     /// Upstream bytes that reached the client.
     fn upstream_bytes(&self, b: &mut Boundary, data: &[u8]) {
         b.feed(data, |s| match s {
+            Seen::Start(t, _) if t != b'Z' => self.last_down.store(t, Relaxed),
             Seen::Start(b'Z', _) => {
+                self.last_down.store(b'Z', Relaxed);
                 self.readies.fetch_add(1, Relaxed);
             }
             Seen::First(b'Z', status) => self.idle.store(status == b'I', Relaxed),
@@ -250,7 +255,7 @@ where
     loop {
         let n = r.read(&mut buf).await?;
         if n == 0 {
-            let _ = w.shutdown().await;
+            // forward() closes the client side, after telling it why if need be.
             return Ok(());
         }
         flow.down_settled.store(false, Relaxed);
@@ -306,6 +311,22 @@ pub(super) async fn forward(s: &Session, ready: Ready, pooling: bool) -> (Stats,
             false
         }
     };
+    if ended_by == "upstream" && !stopped {
+        // The upstream went away. Without a word (crash, network), tell the client as the server
+        // would rather than with a bare EOF; when its last message was an error, that was the
+        // word (typically FATAL 57P01 after an administrator's terminate).
+        let silent = flow.down_settled.load(Relaxed) && flow.last_down.load(Relaxed) != b'E';
+        let bye = PgRefusal::UpstreamUnavailable(s.cfg.name.clone()).to_frame();
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(1), async {
+            if silent {
+                tracing::warn!("upstream closed the session without a word");
+                let _ = cw.write_all(&bye).await;
+            }
+            let _ = cw.shutdown().await;
+        })
+        .await;
+        return (stats, None);
+    }
     if pooling && client_left && !stopped && flow.reusable() {
         drop((cr, cw, ur, uw));
         let _ = cio.shutdown().await;

@@ -407,7 +407,13 @@ impl Session {
                 r = read_opt(&mut up, &mut ubuf, &mut u_want) => {
                     match r {
                         Ok(0) | Err(_) => {
-                            // The upstream went away: what it sent is out; end.
+                            // The upstream went away: what it sent is out. A request still
+                            // waiting gets Redis-style word of it (an idle client gets none: an
+                            // unasked reply would be taken for its next command's); end.
+                            if !self.replies.idle() && ubuf.is_empty() {
+                                let _ = client.write_all(super::login::UPSTREAM_DOWN).await;
+                            }
+                            tracing::warn!("upstream closed the session");
                             let _ = client.shutdown().await;
                             return ConnOutcome::UpstreamFailed;
                         }
