@@ -1,0 +1,125 @@
+//! Hostile clients before authentication: 2,000 slowloris connections (idle, TLS started and
+//! stalled, a byte a second) do not keep a real client from connecting and working, and are
+//! closed at the login deadline; TLS garbage, truncated ClientHellos, SSLv2-style and
+//! TLS 1.0/1.1-only hellos are refused, counted in `tls_handshakes_total`, and leave no
+//! connection behind.
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use support::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+fn gauge(m: &str, name: &str) -> i64 {
+    m.lines().filter(|l| l.starts_with(name)).filter_map(|l| l.rsplit(' ').next()?.parse::<i64>().ok()).sum()
+}
+
+/// True once the peer has closed (EOF or reset), within `within`.
+async fn closed_by_peer(s: &mut TcpStream, within: Duration) -> bool {
+    let mut b = [0u8; 4096];
+    let t = Instant::now();
+    while t.elapsed() < within {
+        match tokio::time::timeout(within.saturating_sub(t.elapsed()), s.read(&mut b)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => return true,
+            Ok(Ok(_)) => continue, // an alert or refusal first
+            Err(_) => return false,
+        }
+    }
+    false
+}
+
+/// The first bytes of a real TLS 1.3 ClientHello (record header + part of the handshake).
+const HELLO_PREFIX: &[u8] = &[0x16, 0x03, 0x01, 0x02, 0x00, 0x01, 0x00, 0x01, 0xfc, 0x03, 0x03];
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slowloris_does_not_stop_real_clients_and_is_closed_at_the_deadline() {
+    let limits = "[limits]\nhandshake_timeout = \"3s\"\nmax_connections = 5000\nmax_connections_per_source = 5000\n";
+    let p = proxy(limits, "").await;
+    let r = redis_proxy(limits, "").await;
+    let (pg_port, redis_port) = (p.port(), r.redis_port());
+    let mut stalled = Vec::new();
+    for i in 0..2000 {
+        let port = if i % 2 == 0 { pg_port } else { redis_port };
+        let mut s = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+        match i % 4 {
+            0 => {}                                                                 // silent
+            1 => s.write_all(&HELLO_PREFIX[..6]).await.unwrap(),                    // TLS, stalled
+            2 => s.write_all(&[0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f]).await.unwrap(), // SSLRequest, then nothing
+            _ => s.write_all(&HELLO_PREFIX[..1]).await.unwrap(),                    // a byte at a time
+        }
+        stalled.push(s);
+    }
+    let t = Instant::now();
+    // real clients get through while 2,000 connections hang
+    let c = connect(pg_port, "app", APP_PASSWORD, "").await.expect("a real Postgres client connects");
+    assert_eq!(c.query_one("select 1", &[]).await.unwrap().get::<_, i32>(0), 1);
+    let mut rc = RawRedis::proxy(redis_port).await;
+    assert_eq!(rc.call(&["AUTH", "app", REDIS_APP_PW]).await, b"+OK\r\n");
+    assert_eq!(rc.call(&["PING"]).await, b"+PONG\r\n");
+    assert!(t.elapsed() < Duration::from_secs(3), "served promptly: {:?}", t.elapsed());
+    // the trickling ones keep trickling; all are closed at the deadline
+    for s in stalled.iter_mut().skip(3).step_by(4) {
+        let _ = s.write_all(&HELLO_PREFIX[1..2]).await;
+    }
+    let mut open = 0;
+    for s in &mut stalled {
+        if !closed_by_peer(s, Duration::from_secs(6).saturating_sub(t.elapsed()).max(Duration::from_millis(50))).await {
+            open += 1;
+        }
+    }
+    assert_eq!(open, 0, "every stalled connection is closed by the login deadline");
+    drop(stalled);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let active =
+        gauge(&p.metrics(), "portcullis_connections_active") + gauge(&r.metrics(), "portcullis_connections_active");
+    assert_eq!(active, 2, "only the two real clients are left: no task behind");
+    assert_eq!(rc.call(&["PING"]).await, b"+PONG\r\n");
+    assert_eq!(c.query_one("select 2", &[]).await.unwrap().get::<_, i32>(0), 2);
+}
+
+#[tokio::test]
+async fn tls_garbage_and_old_hellos_are_refused_and_counted() {
+    let r = redis_proxy("", "").await;
+    let port = r.redis_port();
+    // SSLv2-compatible ClientHello (what very old clients send)
+    let sslv2: &[u8] = &[0x80, 0x2e, 0x01, 0x03, 0x01, 0x00, 0x15, 0x00, 0x00, 0x00, 0x10];
+    // A TLS 1.0-only ClientHello (record + handshake version 3.1, no supported_versions)
+    let mut tls10 = vec![0x16, 0x03, 0x01, 0x00, 0x2d, 0x01, 0x00, 0x00, 0x29, 0x03, 0x01];
+    tls10.extend_from_slice(&[0x11; 32]);
+    tls10.extend_from_slice(&[0x00, 0x00, 0x02, 0x00, 0x2f, 0x01, 0x00]);
+    let inputs: Vec<Vec<u8>> = vec![
+        vec![0x16, 0x03, 0x01, 0xff, 0xff, 0xde, 0xad, 0xbe, 0xef], // a record header, then junk
+        b"\x16\x03\x01\x00\x05hello".to_vec(),                      // a record with nonsense inside
+        sslv2.to_vec(),
+        tls10,
+        {
+            let mut v = HELLO_PREFIX.to_vec(); // truncated, then the connection is closed
+            v.truncate(9);
+            v
+        },
+    ];
+    let before = r.metrics();
+    for (i, input) in inputs.iter().enumerate() {
+        let mut s = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+        s.write_all(input).await.unwrap();
+        if i == inputs.len() - 1 {
+            s.shutdown().await.unwrap();
+        }
+        assert!(closed_by_peer(&mut s, Duration::from_secs(5)).await, "input {i} is refused and closed");
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let m = r.metrics();
+    let failures = |m: &str| {
+        m.lines()
+            .filter(|l| l.starts_with("portcullis_tls_handshakes_total") && l.contains("result=\"failure\""))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+            .sum::<u64>()
+    };
+    assert_eq!(failures(&m) - failures(&before), inputs.len() as u64, "every one counted: {m}");
+    assert_eq!(gauge(&m, "portcullis_connections_active"), 0, "nothing left behind");
+    // and a real client is still served
+    let mut c = RawRedis::proxy(port).await;
+    assert_eq!(c.call(&["AUTH", "app", REDIS_APP_PW]).await, b"+OK\r\n");
+}
