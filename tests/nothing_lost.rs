@@ -54,18 +54,13 @@ async fn run<S: AsyncRead + AsyncWrite + Send + 'static>(io: S, cmds: Vec<Vec<u8
         let (mut got, mut total) = (0usize, 0u64);
         let mut tmp = vec![0u8; 256 * 1024];
         while got < n {
-            loop {
-                match portcullis::redis::codec::frame_reply(&buf, false).unwrap() {
-                    Some((len, _)) => {
-                        h.update(&buf[..len]);
-                        total += len as u64;
-                        buf.drain(..len);
-                        got += 1;
-                        if got == n {
-                            break;
-                        }
-                    }
-                    None => break,
+            while let Some((len, _)) = portcullis::redis::codec::frame_reply(&buf, false).unwrap() {
+                h.update(&buf[..len]);
+                total += len as u64;
+                buf.drain(..len);
+                got += 1;
+                if got == n {
+                    break;
                 }
             }
             if got == n {
