@@ -123,3 +123,38 @@ async fn tls_garbage_and_old_hellos_are_refused_and_counted() {
     let mut c = RawRedis::proxy(port).await;
     assert_eq!(c.call(&["AUTH", "app", REDIS_APP_PW]).await, b"+OK\r\n");
 }
+
+#[tokio::test]
+async fn redis_pre_auth_budgets_bound_what_an_unauthenticated_client_can_send() {
+    let r = redis_proxy("", "").await;
+    // bytes: five 15 KiB requests (each within Redis's unauthenticated caps) exceed 64 KiB
+    let mut c = RawRedis::proxy(r.redis_port()).await;
+    let big = "x".repeat(15 * 1024);
+    for _ in 0..5 {
+        c.send(&["SET", "k", &big]).await;
+    }
+    let last = loop {
+        let reply = c.read(false).await;
+        if reply.starts_with(b"-ERR Protocol error") {
+            break reply;
+        }
+        assert_eq!(reply, b"-NOAUTH Authentication required.\r\n");
+    };
+    assert_eq!(last, b"-ERR Protocol error: too many bytes before authentication\r\n");
+    assert!(c.closed().await, "and closed");
+    // commands: the 33rd unauthenticated command ends the connection
+    let mut c = RawRedis::proxy(r.redis_port()).await;
+    for _ in 0..32 {
+        assert_eq!(c.call(&["GET", "k"]).await, b"-NOAUTH Authentication required.\r\n");
+    }
+    assert_eq!(c.call(&["GET", "k"]).await, b"-ERR Protocol error: too many commands before authentication\r\n");
+    assert!(c.closed().await);
+    // the good side: a client that authenticates within the budgets works
+    let mut ok = RawRedis::proxy(r.redis_port()).await;
+    assert_eq!(ok.call(&["PING"]).await, b"-NOAUTH Authentication required.\r\n");
+    assert_eq!(ok.call(&["AUTH", "app", REDIS_APP_PW]).await, b"+OK\r\n");
+    assert_eq!(ok.call(&["SET", "hostile:k", &big]).await, b"+OK\r\n");
+    for _ in 0..10 {
+        assert_eq!(ok.call(&["SET", "hostile:k", &big]).await, b"+OK\r\n", "no budget after authentication");
+    }
+}

@@ -18,6 +18,9 @@ const EXECABORT: &[u8] = b"-EXECABORT Transaction discarded because of previous 
 /// Commands a client may send before authenticating (Redis has no such cap; its per-request
 /// unauthenticated caps apply too).
 const PREAUTH_MAX_COMMANDS: u32 = 32;
+/// Request bytes a client may send before authenticating: room for AUTH / HELLO with Redis's
+/// largest unauthenticated argument (16 KiB) several times over, not for a flood.
+const PREAUTH_MAX_BYTES: u64 = 64 * 1024;
 /// Redis's default `client-query-buffer-limit`.
 pub(super) const QUERY_BUFFER_LIMIT: usize = 1024 * 1024 * 1024;
 
@@ -199,6 +202,7 @@ impl Session {
             self.multi_dirty = false;
             self.multi_mask.clear();
             self.preauth_commands = 0;
+            self.preauth_bytes = 0;
             self.rearm_auth_deadline();
             return true;
         }
@@ -379,6 +383,14 @@ impl Session {
         let mut reparse = false;
         let unauth = self.identity.is_none();
         let mut may_authenticate = false;
+        if unauth && self.preauth_bytes + cbuf.len() as u64 > PREAUTH_MAX_BYTES {
+            cbuf.clear();
+            self.replies
+                .push(Slot::Local(Bytes::from(ProtocolError("too many bytes before authentication".into()).reply())));
+            self.quitting = true;
+            self.audit(Event::ConnRejected, "refused", Some("preauth_bytes"));
+            return Batch { bytes: Bytes::new(), pieces: Vec::new(), reparse: false };
+        }
         loop {
             match codec::parse_request_resume(cbuf, at, &self.cfg.limits, unauth, &mut self.partial) {
                 Ok(Some(r)) => {
@@ -401,6 +413,9 @@ impl Session {
                     break;
                 }
             }
+        }
+        if unauth {
+            self.preauth_bytes += at as u64;
         }
         let bytes = cbuf.split_to(at).freeze();
         let mut pieces: Vec<Piece> = Vec::new();

@@ -99,6 +99,8 @@ pub(super) struct Session {
     pub(super) multi_dirty: bool,
     pub(super) reply_mode: ReplyMode,
     pub(super) preauth_commands: u32,
+    /// Request bytes received before authentication (bounded by `PREAUTH_MAX_BYTES`).
+    pub(super) preauth_bytes: u64,
     /// Stop handling requests; end once every reply is out.
     pub(super) quitting: bool,
     /// The request being handled gets no visible reply (CLIENT REPLY OFF, or SKIP).
@@ -153,6 +155,7 @@ pub async fn handle(acc: Accepted, l: Arc<RedisListener>, shared: Arc<Shared>) {
         multi_dirty: false,
         reply_mode: ReplyMode::On,
         preauth_commands: 0,
+        preauth_bytes: 0,
         quitting: false,
         hide_current: false,
         inject_after: Vec::new(),
