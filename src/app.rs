@@ -254,8 +254,12 @@ impl Running {
                         reload_users(&shared, &c.name, || l.reload_users());
                     }
                     let c = l.config();
-                    if let Some(pool) = c.pool {
-                        l.pool.prune(pool.idle_timeout).await;
+                    match c.pool {
+                        Some(pool) => l.pool.prune(pool.idle_timeout, pool.max_lifetime).await,
+                        // pooling switched off by a reload: close what is parked
+                        None => l.pool.prune(Duration::ZERO, Duration::ZERO).await,
+                    }
+                    if c.pool.is_some() || l.pool.idle() > 0 {
                         shared.metrics.pg_pool_idle(&c.name, l.pool.idle());
                     }
                 }

@@ -165,3 +165,26 @@ fn pool_needs_a_proxy_side_identity() {
     let e = portcullis::config::load(&f).unwrap_err().to_string();
     assert!(e.contains("expected none or session"), "{e}");
 }
+
+#[tokio::test]
+async fn a_role_altered_while_in_use_is_not_parked() {
+    pg().psql_admin("create role pool_rt login password 'pool-rt-pw-5e4d' in role app_runtime").unwrap();
+    let p = proxy("", "pool = \"session\"\nupstream_user = \"pool_rt\"\nupstream_password_file = \"{DIR}/pool.pass\"")
+        .await;
+    std::fs::write(p.dir.path().join("pool.pass"), "pool-rt-pw-5e4d").unwrap();
+    let a = connect(p.port(), "app", APP_PASSWORD, "").await.unwrap();
+    let pid = backend_pid(&a).await;
+    // promoted while a client holds the session: the login-time is_superuser=off is stale
+    pg().psql_admin("alter role pool_rt superuser").unwrap();
+    drop(a);
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    assert_eq!(p.running.pg_listeners()[0].pool.idle(), 0, "the reset's role check refused to park it");
+    let gone = pg().psql_admin(&format!("select count(*) from pg_stat_activity where pid = {pid}")).unwrap();
+    assert_eq!(gone.trim(), "0", "and closed it");
+    let e = connect(p.port(), "app", APP_PASSWORD, "").await.expect_err("a fresh login is a superuser session");
+    assert_eq!(db_error(&e).0, "42501");
+    pg().psql_admin("alter role pool_rt nosuperuser").unwrap();
+    let c = connect(p.port(), "app", APP_PASSWORD, "").await.expect("fine again");
+    let user: String = c.query_one("select current_user::text", &[]).await.unwrap().get(0);
+    assert_eq!(user, "pool_rt");
+}

@@ -284,6 +284,8 @@ struct RawPostgres {
     pool_size: Option<usize>,
     #[serde(default)]
     pool_idle_timeout: Option<Spanned<String>>,
+    #[serde(default)]
+    pool_max_lifetime: Option<Spanned<String>>,
 }
 
 /// Everything the proxy needs, validated.
@@ -450,6 +452,9 @@ pub struct PgPool {
     pub size: usize,
     /// An idle upstream session older than this is closed (default 60s).
     pub idle_timeout: Duration,
+    /// An upstream session is not reused once it has been open this long (default 1h, as
+    /// PgBouncer's server_lifetime): role changes and rotated credentials take hold.
+    pub max_lifetime: Duration,
 }
 
 /// What every listener has, checked the same way for both protocols.
@@ -617,6 +622,10 @@ impl RawConfig {
                         idle_timeout: match &p.pool_idle_timeout {
                             Some(d) => dur(d, file, src)?,
                             None => Duration::from_secs(60),
+                        },
+                        max_lifetime: match &p.pool_max_lifetime {
+                            Some(d) => dur(d, file, src)?,
+                            None => Duration::from_secs(3600),
                         },
                     })
                 }

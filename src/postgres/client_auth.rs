@@ -182,7 +182,7 @@ impl Session {
         params.extend(startup.forwarded_params().cloned());
         if let Some(pool) = self.cfg.pool {
             let key = super::pool::pool_key(&up_user, &params[1].1, &params[2..]);
-            let parked = self.l.pool.checkout(&key, pool.idle_timeout).await;
+            let parked = self.l.pool.checkout(&key, pool.idle_timeout, pool.max_lifetime).await;
             self.shared.metrics.pg_pool_checkout(&self.cfg.name, parked.is_some());
             self.pool_key = Some(key);
             if let Some(p) = parked {

@@ -118,6 +118,8 @@ struct Flow {
     spoiled: AtomicBool,
     /// Type of the last message that started downstream.
     last_down: AtomicU8,
+    /// The client sent Terminate: an upstream close after it is the normal end.
+    client_terminated: AtomicBool,
 }
 
 /// An upstream session a client left cleanly, for the pool.
@@ -134,6 +136,7 @@ impl Flow {
             terminate_at: AtomicU64::new(u64::MAX),
             spoiled: AtomicBool::new(false),
             last_down: AtomicU8::new(0),
+            client_terminated: AtomicBool::new(false),
             syncs_sent: AtomicU64::new(0),
             readies: AtomicU64::new(0),
             unsynced: AtomicBool::new(false),
@@ -163,10 +166,15 @@ impl Flow {
                 self.unsynced.store(false, Relaxed);
             }
             Seen::Start(b'P' | b'B' | b'E' | b'D' | b'C' | b'H', _) => self.unsynced.store(true, Relaxed),
-            Seen::Start(b'X', at) if self.pooling => match at {
-                Some(at) => self.terminate_at.store(at as u64, Relaxed),
-                None => self.spoiled.store(true, Relaxed),
-            },
+            Seen::Start(b'X', at) => {
+                self.client_terminated.store(true, Relaxed);
+                if self.pooling {
+                    match at {
+                        Some(at) => self.terminate_at.store(at as u64, Relaxed),
+                        None => self.spoiled.store(true, Relaxed),
+                    }
+                }
+            }
             _ => {}
         });
     }
@@ -282,6 +290,10 @@ pub(super) async fn forward(s: &Session, ready: Ready, pooling: bool) -> (Stats,
     let mut first = Boundary::default();
     if !client.buf.is_empty() {
         flow.client_bytes(&mut first, &client.buf);
+        if flow.terminate_at.swap(u64::MAX, Relaxed) != u64::MAX {
+            // Terminate pipelined with the login: it goes upstream; nothing to reuse.
+            flow.spoiled.store(true, Relaxed);
+        }
         if uio.write_all(&client.buf).await.is_err() || uio.flush().await.is_err() {
             return (stats, None);
         }
@@ -311,7 +323,7 @@ pub(super) async fn forward(s: &Session, ready: Ready, pooling: bool) -> (Stats,
             false
         }
     };
-    if ended_by == "upstream" && !stopped {
+    if ended_by == "upstream" && !stopped && !flow.client_terminated.load(Relaxed) {
         // The upstream went away. Without a word (crash, network), tell the client as the server
         // would rather than with a bare EOF; when its last message was an error, that was the
         // word (typically FATAL 57P01 after an administrator's terminate).
@@ -329,8 +341,19 @@ pub(super) async fn forward(s: &Session, ready: Ready, pooling: bool) -> (Stats,
     }
     if pooling && client_left && !stopped && flow.reusable() {
         drop((cr, cw, ur, uw));
-        let _ = cio.shutdown().await;
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(1), cio.shutdown()).await;
         return (stats, Some(Leftover { io: uio, in_transaction: !flow.idle.load(Relaxed) }));
+    }
+    if pooling && client_left && !stopped {
+        // Not reusable: the Terminate that was withheld goes to the server after all.
+        let between_messages = flow.up_settled.load(Relaxed);
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(1), async {
+            if between_messages {
+                let _ = uw.write_all(b"X\0\0\0\x04").await;
+            }
+            let _ = uw.shutdown().await;
+        })
+        .await;
     }
     if stopped || cut {
         stats.killed = true;

@@ -19,6 +19,13 @@ use crate::net::stream::Stream;
 
 /// How long the reset may take before the session is given up.
 const RESET_DEADLINE: Duration = Duration::from_secs(5);
+/// A session parked longer than this is asked whether it is alive before it is handed out.
+const CHECK_AFTER: Duration = Duration::from_secs(15);
+/// How long that answer may take.
+const CHECK_DEADLINE: Duration = Duration::from_secs(2);
+/// Asked at every reset: the role may have been altered since the session logged in
+/// (`is_superuser` is reported once, at login).
+const ROLE_CHECK: &str = "SELECT rolsuper OR rolbypassrls OR NOT rolcanlogin OR coalesce(rolvaliduntil < now(), false) FROM pg_roles WHERE rolname = session_user";
 
 /// What a client must be told about an upstream session in place of its startup exchange.
 #[derive(Debug, Clone, Default)]
@@ -31,6 +38,8 @@ pub struct UpstreamStartup {
     pub secret: i32,
     /// `is_superuser` as reported.
     pub is_superuser: Option<bool>,
+    /// When the upstream session was opened (for `pool_max_lifetime`).
+    pub opened: Option<Instant>,
 }
 
 impl UpstreamStartup {
@@ -85,8 +94,9 @@ impl SessionPool {
         self.idle.lock().map(|m| m.values().map(Vec::len).sum()).unwrap_or(0)
     }
 
-    /// A live parked session for `key` (most recently parked first); stale and dead ones are closed.
-    pub async fn checkout(&self, key: &str, idle_timeout: Duration) -> Option<Pooled> {
+    /// A live parked session for `key` (most recently parked first); stale, too old and dead
+    /// ones are closed.
+    pub async fn checkout(&self, key: &str, idle_timeout: Duration, max_lifetime: Duration) -> Option<Pooled> {
         loop {
             let p = {
                 let mut m = self.idle.lock().ok()?;
@@ -97,7 +107,8 @@ impl SessionPool {
                 }
                 p?
             };
-            if p.parked.elapsed() >= idle_timeout {
+            let too_old = p.startup.opened.is_none_or(|t| t.elapsed() >= max_lifetime);
+            if p.parked.elapsed() >= idle_timeout || too_old {
                 close(p.io).await;
                 continue;
             }
@@ -105,10 +116,26 @@ impl SessionPool {
             // Between requests the server sends nothing; anything readable now (EOF, an
             // error after an administrator's terminate, a notice) means: not this one.
             let mut probe = [0u8; 1];
-            match tokio::time::timeout(Duration::ZERO, p.io.read(&mut probe)).await {
-                Err(_) => return Some(p),
-                Ok(_) => continue,
+            if tokio::time::timeout(Duration::ZERO, p.io.read(&mut probe)).await.is_ok() {
+                continue;
             }
+            // Parked a while: a silently dropped path reads as nothing at all; ask (a Sync is
+            // answered by ReadyForQuery, as PgBouncer's server_check_query would be).
+            if p.parked.elapsed() >= CHECK_AFTER {
+                let mut r = MsgReader::new(p.io, BytesMut::new());
+                let alive = tokio::time::timeout(CHECK_DEADLINE, async {
+                    codec::send(&mut r.io, b"S\0\0\0\x04").await.ok()?;
+                    let m = r.message(64).await.ok()?;
+                    (m.tag == b'Z' && m.body.first() == Some(&b'I')).then_some(())
+                })
+                .await;
+                if !matches!(alive, Ok(Some(()))) || !r.buf.is_empty() {
+                    close(r.io).await;
+                    continue;
+                }
+                p.io = r.io;
+            }
+            return Some(p);
         }
     }
 
@@ -128,6 +155,10 @@ impl SessionPool {
                 run(&mut r, "ROLLBACK", &mut startup).await?;
             }
             run(&mut r, "DISCARD ALL", &mut startup).await?;
+            if run(&mut r, ROLE_CHECK, &mut startup).await?.as_deref() != Some("f") {
+                // superuser, BYPASSRLS, no longer allowed to log in, or expired: not reusable
+                return None;
+            }
             if !r.buf.is_empty() {
                 return None;
             }
@@ -155,14 +186,15 @@ impl SessionPool {
         }
     }
 
-    /// Closes parked sessions older than `idle_timeout`.
-    pub async fn prune(&self, idle_timeout: Duration) {
+    /// Closes parked sessions idle for `idle_timeout` or open for `max_lifetime`.
+    pub async fn prune(&self, idle_timeout: Duration, max_lifetime: Duration) {
         let stale: Vec<Pooled> = {
             let Ok(mut m) = self.idle.lock() else { return };
             let mut out = Vec::new();
             for v in m.values_mut() {
-                let (old, keep): (Vec<Pooled>, Vec<Pooled>) =
-                    std::mem::take(v).into_iter().partition(|p| p.parked.elapsed() >= idle_timeout);
+                let (old, keep): (Vec<Pooled>, Vec<Pooled>) = std::mem::take(v).into_iter().partition(|p| {
+                    p.parked.elapsed() >= idle_timeout || p.startup.opened.is_none_or(|t| t.elapsed() >= max_lifetime)
+                });
                 *v = keep;
                 out.extend(old);
             }
@@ -176,7 +208,8 @@ impl SessionPool {
 }
 
 /// Runs one simple query during the reset; ParameterStatus messages update `startup`.
-async fn run(r: &mut MsgReader<Stream>, sql: &str, startup: &mut UpstreamStartup) -> Option<()> {
+/// Returns the first column of the first row, if any (`Some(None)`: no row).
+async fn run(r: &mut MsgReader<Stream>, sql: &str, startup: &mut UpstreamStartup) -> Option<Option<String>> {
     let mut q = BytesMut::with_capacity(sql.len() + 6);
     q.extend_from_slice(b"Q");
     q.extend_from_slice(&(sql.len() as i32 + 5).to_be_bytes());
@@ -184,13 +217,26 @@ async fn run(r: &mut MsgReader<Stream>, sql: &str, startup: &mut UpstreamStartup
     q.extend_from_slice(b"\0");
     codec::send(&mut r.io, &q).await.ok()?;
     let mut ok = false;
+    let mut first: Option<String> = None;
     loop {
         let m = r.message(codec::MAX_BACKEND_LOGIN_MESSAGE).await.ok()?;
         match m.tag {
             b'C' => ok = true,
+            b'T' => {}
+            b'D' if first.is_none() => {
+                let mut b = Body(m.body.clone());
+                let cols = b.bytes(2).ok()?;
+                if cols.as_ref() != [0, 1] {
+                    return None;
+                }
+                let len = b.i32().ok()?;
+                let v = if len < 0 { Bytes::new() } else { b.bytes(len as usize).ok()? };
+                first = Some(String::from_utf8_lossy(&v).into_owned());
+            }
+            b'D' => {}
             b'S' => startup.set_param(&m.frame, &m.body),
             b'N' | b'A' => {}
-            b'Z' => return (ok && m.body.first() == Some(&b'I')).then_some(()),
+            b'Z' => return (ok && m.body.first() == Some(&b'I')).then_some(first),
             _ => return None,
         }
     }

@@ -135,7 +135,9 @@ pub async fn handle(acc: Accepted, l: Arc<PgListener>, shared: Arc<Shared>) {
     if let (Some(left), Some(pool), Some(key), Some(startup)) =
         (leftover, s.cfg.pool, s.pool_key.take(), s.upstream_startup.take())
     {
-        // The client is answered and gone: reset and park the upstream session off its path.
+        // The client is answered and gone: its cancel key goes first (a late CancelRequest of
+        // its own must not reach the next client), then reset and park, off its path.
+        drop(s.cancel_key.take());
         let l = s.l.clone();
         tokio::spawn(async move { l.pool.checkin(key, left.io, startup, left.in_transaction, pool.size).await });
     }
@@ -394,7 +396,7 @@ impl Session {
     async fn finish_startup(&mut self, mut c: MsgReader<Stream>, mut u: MsgReader<Stream>) -> Step<Ready> {
         let mut out = BytesMut::new();
         let mut is_superuser: Option<bool> = None;
-        let mut recorded = super::pool::UpstreamStartup::default();
+        let mut recorded = super::pool::UpstreamStartup { opened: Some(Instant::now()), ..Default::default() };
         loop {
             let m = match u.message(codec::MAX_BACKEND_LOGIN_MESSAGE).await {
                 Ok(m) => m,
