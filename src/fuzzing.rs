@@ -189,7 +189,8 @@ pub fn scram(data: &[u8]) {
         Some(i) => (&data[..i], &data[i + 1..]),
         None => (data, &[][..]),
     };
-    let v = ScramVerifier::from_password("pw", b"0123456789abcdef", 4096);
+    static V: OnceLock<ScramVerifier> = OnceLock::new();
+    let v = V.get_or_init(|| ScramVerifier::from_password("pw", b"0123456789abcdef", 4096)).clone();
     let mech = if ctl & 1 == 1 { SCRAM_SHA_256_PLUS } else { SCRAM_SHA_256 };
     let Ok((server, server_first)) = ScramServer::start(vec![v], mech, ctl & 2 == 2, first) else { return };
     assert!(server_first.starts_with("r="));
