@@ -26,6 +26,8 @@ pub struct PgInstance {
     /// The server log (log_connections = on).
     pub log: PathBuf,
     dir: Option<tempfile::TempDir>,
+    data: PathBuf,
+    ssl: bool,
     socket_dir: PathBuf,
     child: Option<Child>,
     owner: Option<(u32, u32)>,
@@ -57,6 +59,22 @@ fn spawn_watchdog(watched: u32, child: u32, signal: &str, dir: PathBuf) -> io::R
         .process_group(0)
         .spawn()?;
     Ok(())
+}
+
+/// SIGKILL to `pid` and to every process whose parent it is (a postmaster and its backends).
+fn kill_tree(pid: u32) {
+    let children: Vec<String> = std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| {
+            let stat = std::fs::read_to_string(e.path().join("stat")).ok()?;
+            // pid (comm) state ppid ...: comm may hold spaces, so split after the last ')'
+            let ppid: u32 = stat.rsplit_once(')')?.1.split_whitespace().nth(1)?.parse().ok()?;
+            (ppid == pid).then(|| e.file_name().to_string_lossy().into_owned())
+        })
+        .collect();
+    let _ = Command::new("kill").arg("-KILL").arg(pid.to_string()).args(&children).status();
 }
 
 /// uid/gid of the `postgres` system user when we are root (PostgreSQL refuses to run as root).
@@ -109,6 +127,8 @@ impl PgInstance {
             runtime_password: random_password(),
             rogue_password: random_password(),
             log: dir.path().join("postgres.log"),
+            data: data.clone(),
+            ssl: tls.is_some(),
             socket_dir: socket_dir.clone(),
             dir: None,
             child: None,
@@ -133,7 +153,6 @@ impl PgInstance {
             return Err(io::Error::other(format!("initdb failed: {}", String::from_utf8_lossy(&out.stderr))));
         }
         let _ = std::fs::remove_file(&pwfile);
-        let mut ssl_args = Vec::new();
         if let Some((cert, key)) = tls {
             use std::os::unix::fs::PermissionsExt;
             for (src, name) in [(cert, "server.crt"), (key, "server.key")] {
@@ -144,22 +163,8 @@ impl PgInstance {
                     std::os::unix::fs::chown(&dst, Some(uid), Some(gid))?;
                 }
             }
-            ssl_args = vec!["-c".to_string(), "ssl=on".to_string()];
         }
-        let log = std::fs::OpenOptions::new().append(true).open(&inst.log)?;
-        let child = inst
-            .cmd("postgres")
-            .arg("-D")
-            .arg(&data)
-            .args(["-p", &inst.port.to_string(), "-c", "listen_addresses=127.0.0.1"])
-            .arg("-c")
-            .arg(format!("unix_socket_directories={}", socket_dir.display()))
-            .args(["-c", "log_connections=on", "-c", "fsync=off", "-c", "max_connections=200"])
-            .args(&ssl_args)
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()?;
-        inst.child = Some(child);
+        inst.spawn()?;
         match watch_pid {
             Some(pid) => {
                 let child = inst.child.as_ref().map(|c| c.id()).unwrap_or_default();
@@ -175,6 +180,43 @@ impl PgInstance {
         ))?;
         inst.psql_admin("CREATE DATABASE app OWNER app_runtime")?;
         Ok(inst)
+    }
+
+    /// Starts the server process on the existing data directory and port.
+    fn spawn(&mut self) -> io::Result<()> {
+        let log = std::fs::OpenOptions::new().append(true).open(&self.log)?;
+        let ssl: &[&str] = if self.ssl { &["-c", "ssl=on"] } else { &[] };
+        let child = self
+            .cmd("postgres")
+            .arg("-D")
+            .arg(&self.data)
+            .args(["-p", &self.port.to_string(), "-c", "listen_addresses=127.0.0.1"])
+            .arg("-c")
+            .arg(format!("unix_socket_directories={}", self.socket_dir.display()))
+            .args(["-c", "log_connections=on", "-c", "fsync=off", "-c", "max_connections=200"])
+            .args(ssl)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()?;
+        self.child = Some(child);
+        Ok(())
+    }
+
+    /// Kills the server as a crash would: SIGKILL to the postmaster and every backend, no
+    /// goodbye on any connection. Fault tests then `restart` it.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            kill_tree(child.id());
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts the server again on the same data directory and port (crash recovery runs) and
+    /// waits until it accepts connections. Not for instances a watchdog looks after.
+    pub fn restart(&mut self) -> io::Result<()> {
+        self.kill();
+        self.spawn()?;
+        self.wait_ready()
     }
 
     fn wait_ready(&self) -> io::Result<()> {
@@ -257,6 +299,7 @@ pub struct RedisInstance {
     /// Password of the ACL user `portcullis`.
     pub password: String,
     dir: Option<tempfile::TempDir>,
+    conf: PathBuf,
     child: Option<Child>,
 }
 
@@ -283,15 +326,10 @@ impl RedisInstance {
             ));
             tls_port = Some(p);
         }
-        std::fs::write(dir.path().join("redis.conf"), conf)?;
-        let child = Command::new("redis-server")
-            .arg(dir.path().join("redis.conf"))
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .map_err(|e| io::Error::other(format!("redis-server: {e} (apt-get install -y redis-server)")))?;
-        let mut inst = RedisInstance { port, tls_port, password, dir: None, child: Some(child) };
+        let conf_path = dir.path().join("redis.conf");
+        std::fs::write(&conf_path, conf)?;
+        let mut inst = RedisInstance { port, tls_port, password, dir: None, conf: conf_path, child: None };
+        inst.spawn()?;
         match watch_pid {
             Some(pid) => {
                 let child = inst.child.as_ref().map(|c| c.id()).unwrap_or_default();
@@ -299,14 +337,47 @@ impl RedisInstance {
             }
             None => inst.dir = Some(dir),
         }
+        inst.wait_ready()?;
+        Ok(inst)
+    }
+
+    fn spawn(&mut self) -> io::Result<()> {
+        let child = Command::new("redis-server")
+            .arg(&self.conf)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .map_err(|e| io::Error::other(format!("redis-server: {e} (apt-get install -y redis-server)")))?;
+        self.child = Some(child);
+        Ok(())
+    }
+
+    fn wait_ready(&self) -> io::Result<()> {
         let t = Instant::now();
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
             if t.elapsed() > Duration::from_secs(20) {
                 return Err(io::Error::other("redis-server did not start within 20s"));
             }
             std::thread::sleep(Duration::from_millis(50));
         }
-        Ok(inst)
+        Ok(())
+    }
+
+    /// Kills the server with SIGKILL (a crash: no reply to anyone). Fault tests then `restart` it.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts it again on the same port (empty: persistence is off). Not for instances a
+    /// watchdog looks after.
+    pub fn restart(&mut self) -> io::Result<()> {
+        self.kill();
+        self.spawn()?;
+        self.wait_ready()
     }
 
     /// Stops the server.

@@ -10,6 +10,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::time::{Duration, Instant};
 
+use portcullis::demo::{PgInstance, RedisInstance};
 use support::*;
 use tokio::net::{TcpListener, TcpStream};
 
@@ -180,4 +181,229 @@ async fn an_upstream_that_never_answers_times_out_clearly() {
     assert!(t.elapsed() < Duration::from_secs(4), "{:?}", t.elapsed());
     assert_eq!(c.call(&["PING"]).await, b"-NOAUTH Authentication required.\r\n", "the session stays usable");
     held.abort();
+}
+
+/// The PostgreSQL server itself dies (SIGKILL to the postmaster and every backend: a crash,
+/// no goodbye on any connection) with a query running: that client gets FATAL 08006 and is
+/// closed, an idle session on the same listener is closed too, a session on another listener
+/// is unaffected; logins fail with 08006 and `/readyz` is 503 until the server is back, then
+/// everything works again without restarting the proxy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_server_killed_mid_session_and_restarted() {
+    let mut own =
+        tokio::task::spawn_blocking(|| PgInstance::start(None, None).expect("a private PostgreSQL")).await.unwrap();
+    let p = proxy_for(&own, "", "", &format!("127.0.0.1:{}", own.port)).await;
+    let other = proxy("", "").await;
+    let a = connect(p.port(), "app", APP_PASSWORD, "").await.unwrap();
+    let idle = connect(p.port(), "app", APP_PASSWORD, "").await.unwrap();
+    let b = connect(other.port(), "app", APP_PASSWORD, "").await.unwrap();
+    a.batch_execute("create table t(x int); insert into t values (1)").await.unwrap();
+    eventually_ready(&p, 200).await;
+
+    let q = tokio::spawn(async move {
+        let r = a.query_one("select pg_sleep(5)", &[]).await;
+        (r, a)
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut own = tokio::task::spawn_blocking(move || {
+        own.kill();
+        own
+    })
+    .await
+    .unwrap();
+    let (r, a) = tokio::time::timeout(Duration::from_secs(5), q).await.expect("answered promptly").unwrap();
+    let e = r.expect_err("the server is gone");
+    assert_eq!(db_error(&e), ("08006".into(), "upstream of listener \"main\" is unavailable".into()));
+    assert!(a.is_closed() || a.query_one("select 1", &[]).await.is_err(), "and closed");
+    assert!(idle.query_one("select 1", &[]).await.is_err(), "the idle session on the dead server is closed");
+    assert_eq!(b.query_one("select 2", &[]).await.unwrap().get::<_, i32>(0), 2, "other listeners unaffected");
+
+    let e = connect(p.port(), "app", APP_PASSWORD, "").await.expect_err("server down");
+    assert_eq!(db_error(&e), ("08006".into(), "upstream of listener \"main\" is unavailable".into()));
+    eventually_ready(&p, 503).await;
+
+    let own = tokio::task::spawn_blocking(move || {
+        own.restart().expect("PostgreSQL restarts (crash recovery)");
+        own
+    })
+    .await
+    .unwrap();
+    let c = connect(p.port(), "app", APP_PASSWORD, "").await.expect("works again once it is back");
+    assert_eq!(c.query_one("select x from t", &[]).await.unwrap().get::<_, i32>(0), 1);
+    eventually_ready(&p, 200).await;
+    drop((c, p));
+    drop(own);
+}
+
+/// The Redis server dies (SIGKILL) under a blocked BLPOP: that client gets `-ERR upstream
+/// unavailable` and is closed, an idle session on the same listener is closed, a session on
+/// another listener is unaffected; AUTH answers `-ERR upstream unavailable` (and the session
+/// stays usable) until the server is back; then new sessions work.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_server_killed_mid_session_and_restarted() {
+    let mut own = RedisInstance::start(None, None).expect("a private Redis");
+    let p = redis_proxy_for(&own, "", "").await;
+    let other = redis_proxy("", "").await;
+    let mut a = RawRedis::proxy(p.redis_port()).await;
+    assert_eq!(a.call(&["AUTH", "app", REDIS_APP_PW]).await, b"+OK\r\n");
+    let mut idle = RawRedis::proxy(p.redis_port()).await;
+    assert_eq!(idle.call(&["AUTH", "app", REDIS_APP_PW]).await, b"+OK\r\n");
+    assert_eq!(idle.call(&["SET", "k", "v"]).await, b"+OK\r\n");
+    let mut b = RawRedis::proxy(other.redis_port()).await;
+    assert_eq!(b.call(&["AUTH", "app", REDIS_APP_PW]).await, b"+OK\r\n");
+    eventually_ready(&p, 200).await;
+
+    a.send(&["BLPOP", "fault:empty", "5"]).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    own.kill();
+    let t = Instant::now();
+    assert_eq!(a.read(false).await, b"-ERR upstream unavailable\r\n");
+    assert!(t.elapsed() < Duration::from_secs(3));
+    assert!(a.closed().await, "and closed");
+    assert!(idle.closed().await, "the idle session on the dead server is closed");
+    assert_eq!(b.call(&["PING"]).await, b"+PONG\r\n", "other listeners unaffected");
+
+    let mut c = RawRedis::proxy(p.redis_port()).await;
+    assert_eq!(c.call(&["AUTH", "app", REDIS_APP_PW]).await, b"-ERR upstream unavailable\r\n");
+    eventually_ready(&p, 503).await;
+
+    own.restart().expect("redis-server restarts");
+    assert_eq!(c.call(&["AUTH", "app", REDIS_APP_PW]).await, b"+OK\r\n", "the same session, once it is back");
+    assert_eq!(c.call(&["GET", "k"]).await, b"$-1\r\n", "a fresh server (persistence is off)");
+    let mut d = RawRedis::proxy(p.redis_port()).await;
+    assert_eq!(d.call(&["AUTH", "app", REDIS_APP_PW]).await, b"+OK\r\n");
+    assert_eq!(d.call(&["PING"]).await, b"+PONG\r\n");
+    eventually_ready(&p, 200).await;
+}
+
+fn psql_child(port: u16, app_name: &str, sql: &str) -> std::process::Child {
+    std::process::Command::new("psql")
+        .env("PGSSLROOTCERT", certs().join("ca.crt"))
+        .env("PGPASSWORD", APP_PASSWORD)
+        .arg(format!("host=localhost port={port} user=app dbname=app sslmode=verify-full application_name={app_name}"))
+        .args(["-X", "-q", "-v", "ON_ERROR_STOP=1", "-c", sql])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("psql runs")
+}
+
+fn backends_named(app_name: &str) -> usize {
+    pg().psql_admin(&format!("select count(*) from pg_stat_activity where application_name = '{app_name}'"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+async fn until(what: &str, mut f: impl FnMut() -> bool) {
+    let t = Instant::now();
+    while !f() {
+        assert!(t.elapsed() < Duration::from_secs(10), "{what}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn active(p: &Proxy) -> i64 {
+    p.metrics()
+        .lines()
+        .filter(|l| l.starts_with("portcullis_connections_active"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<i64>().ok())
+        .sum()
+}
+
+/// psql killed (SIGKILL: the client vanishes, no Terminate, no CopyFail) in the middle of a
+/// COPY FROM STDIN and in the middle of a COPY TO STDOUT it is not reading: each time the
+/// proxy closes the upstream session too (the backend is gone from pg_stat_activity), the
+/// half-sent COPY is not committed, and no session is left in the proxy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_vanishing_mid_copy_closes_the_upstream_session() {
+    use std::io::Write;
+    let p = proxy("", "").await;
+    let setup = connect(p.port(), "app", APP_PASSWORD, "").await.unwrap();
+    setup.batch_execute("create table vanish_copy(x int, pad text)").await.unwrap();
+
+    // COPY in: a few MB sent, then the client is killed
+    let mut child = psql_child(p.port(), "vanish_in", "copy vanish_copy from stdin");
+    let mut stdin = child.stdin.take().unwrap();
+    let writer = std::thread::spawn(move || {
+        let row = format!("1\t{}\n", "x".repeat(1000));
+        for _ in 0..4000 {
+            if stdin.write_all(row.as_bytes()).is_err() {
+                return;
+            }
+        }
+        std::thread::sleep(Duration::from_secs(30)); // never ends the COPY: holds stdin open
+    });
+    until("the COPY reached PostgreSQL", || backends_named("vanish_in") == 1).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    child.kill().unwrap();
+    child.wait().unwrap();
+    until("the upstream session of the vanished COPY FROM client is closed", || backends_named("vanish_in") == 0).await;
+    let n: i64 = setup.query_one("select count(*) from vanish_copy", &[]).await.unwrap().get(0);
+    assert_eq!(n, 0, "nothing of the unfinished COPY committed");
+    drop(writer);
+
+    // COPY out that the client stops reading: the proxy and the backend block on writes
+    let mut child = psql_child(
+        p.port(),
+        "vanish_out",
+        "copy (select g, repeat('y', 1000) from generate_series(1, 1000000) g) to stdout",
+    );
+    until("the COPY TO is running", || backends_named("vanish_out") == 1).await;
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    assert_eq!(backends_named("vanish_out"), 1, "blocked, not finished: psql's stdout is never read");
+    child.kill().unwrap();
+    child.wait().unwrap();
+    until("the upstream session of the vanished COPY TO client is closed", || backends_named("vanish_out") == 0).await;
+
+    drop(setup);
+    let t = Instant::now();
+    while active(&p) != 0 {
+        assert!(t.elapsed() < Duration::from_secs(10), "no session left in the proxy");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// A client that sends a 200,000-command pipeline and vanishes without reading a reply: the
+/// proxy closes its upstream Redis connection (Redis's CLIENT LIST is back to the admin
+/// connection alone) and keeps no session.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_vanishing_mid_pipeline_closes_the_upstream_connection() {
+    let own = RedisInstance::start(None, None).expect("a private Redis");
+    let p = redis_proxy_for(&own, "", "").await;
+    let mut admin = RawRedis::direct_to(own.port, "portcullis", &own.password).await;
+    let clients = |list: Vec<u8>| String::from_utf8_lossy(&list).lines().filter(|l| l.contains("id=")).count();
+    assert_eq!(clients(admin.call(&["CLIENT", "LIST"]).await), 1);
+
+    let mut c = RawRedis::proxy(p.redis_port()).await;
+    assert_eq!(c.call(&["AUTH", "app", REDIS_APP_PW]).await, b"+OK\r\n");
+    assert_eq!(clients(admin.call(&["CLIENT", "LIST"]).await), 2);
+    let mut pipeline = Vec::new();
+    for _ in 0..200_000 {
+        pipeline.extend_from_slice(&portcullis::redis::codec::encode_command(&[b"INCR", b"vanish:n"]));
+    }
+    // write what the socket takes within a second (the client never reads, so the replies
+    // back up and the proxy stops reading), then vanish
+    let _ = tokio::time::timeout(Duration::from_secs(1), c.send_raw(&pipeline)).await;
+    drop(c);
+    let t = Instant::now();
+    loop {
+        let n = clients(admin.call(&["CLIENT", "LIST"]).await);
+        if n == 1 {
+            break;
+        }
+        assert!(t.elapsed() < Duration::from_secs(10), "the upstream connection is closed ({n} clients)");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let executed = admin.call(&["GET", "vanish:n"]).await;
+    assert!(executed.starts_with(b"$"), "some of the pipeline ran: {:?}", String::from_utf8_lossy(&executed));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(admin.call(&["GET", "vanish:n"]).await, executed, "and nothing more after the close");
+    let t = Instant::now();
+    while active(&p) != 0 {
+        assert!(t.elapsed() < Duration::from_secs(10), "no session left in the proxy");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }

@@ -65,7 +65,11 @@ pub async fn proxy(top_extra: &str, listener_extra: &str) -> Proxy {
 }
 
 pub async fn proxy_with_upstream(top_extra: &str, listener_extra: &str, upstream: &str) -> Proxy {
-    let pg = pg();
+    proxy_for(pg(), top_extra, listener_extra, upstream).await
+}
+
+/// The same, in front of a given PostgreSQL (tests that kill and restart their own server).
+pub async fn proxy_for(pg: &PgInstance, top_extra: &str, listener_extra: &str, upstream: &str) -> Proxy {
     let dir = tempfile::tempdir().unwrap();
     let c = certs();
     std::fs::write(dir.path().join("runtime.pass"), format!("{}\n", pg.runtime_password)).unwrap();
