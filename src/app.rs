@@ -58,6 +58,8 @@ pub struct Shared {
     pub tracker: TaskTracker,
     /// True while draining (`/readyz` answers 503).
     pub draining: AtomicBool,
+    /// Request bytes held beyond each connection's free share (`max_buffered_request_bytes`).
+    pub request_memory: Arc<crate::net::memory::RequestMemory>,
 }
 
 impl Shared {
@@ -109,6 +111,7 @@ impl Running {
             kill: CancellationToken::new(),
             tracker: TaskTracker::new(),
             draining: AtomicBool::new(false),
+            request_memory: Arc::default(),
         });
         if let Some(t) = shared.tls.current().not_after {
             shared.metrics.cert_expiry("server", t);

@@ -180,6 +180,16 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
         Cmd::Run { config } => {
             init_tracing();
             let cfg = portcullis::config::load(&config)?;
+            match raise_open_files_limit() {
+                // each proxied connection holds two descriptors, plus listeners and files
+                Ok(n) if n < 2 * cfg.limits.max_connections as u64 + 64 => tracing::warn!(
+                    open_files = n,
+                    max_connections = cfg.limits.max_connections,
+                    "the open-files limit is below 2 x max_connections: connections may fail (raise ulimit -n)"
+                ),
+                Ok(_) => {}
+                Err(e) => tracing::warn!(error = %e, "could not read or raise the open-files limit"),
+            }
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(cfg.limits.worker_threads)
                 .enable_all()
@@ -291,4 +301,24 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+/// Raises this process's soft limit on open files to its hard limit (as HAProxy and nginx do:
+/// every proxied connection needs two descriptors) and returns the limit now in force.
+pub fn raise_open_files_limit() -> std::io::Result<u64> {
+    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit/setrlimit only read and write the struct passed in.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        if lim.rlim_cur < lim.rlim_max {
+            let want = libc::rlimit { rlim_cur: lim.rlim_max, rlim_max: lim.rlim_max };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &want) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            lim = want;
+        }
+    }
+    Ok(lim.rlim_cur)
 }

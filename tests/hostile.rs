@@ -158,3 +158,49 @@ async fn redis_pre_auth_budgets_bound_what_an_unauthenticated_client_can_send() 
         assert_eq!(ok.call(&["SET", "hostile:k", &big]).await, b"+OK\r\n", "no budget after authentication");
     }
 }
+
+/// The process-wide budget for incomplete requests (`max_buffered_request_bytes`, here 4 MiB):
+/// a client holding 2.5 MiB of a 3 MiB SET keeps it; a second client whose 3 MiB SET would take
+/// the total over the budget gets `-ERR Protocol error: …` and is closed; small requests need
+/// no budget and keep working; the first SET completes byte for byte; once the memory is
+/// released, the same 3 MiB SET goes through; nothing stays charged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn request_memory_budget_refuses_the_request_that_would_exceed_it() {
+    let r = redis_proxy("[limits]\nmax_buffered_request_bytes = 4194304\n", "").await;
+    let big = |fill: u8| vec![fill; 3 << 20];
+    let set_header = |key: &str, len: usize| format!("*3\r\n$3\r\nSET\r\n${}\r\n{key}\r\n${len}\r\n", key.len());
+    let login = || async {
+        let mut c = RawRedis::proxy(r.redis_port()).await;
+        assert_eq!(c.call(&["AUTH", "app", REDIS_APP_PW]).await, b"+OK\r\n");
+        c
+    };
+    let (mut a, mut b, mut small) = (login().await, login().await, login().await);
+    let va = big(b'a');
+    a.send_raw(set_header("budget:a", va.len()).as_bytes()).await;
+    a.send_raw(&va[..5 << 19]).await; // 2.5 MiB held
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    let vb = big(b'b');
+    let mut req = set_header("budget:b", vb.len()).into_bytes();
+    req.extend_from_slice(&vb);
+    req.extend_from_slice(b"\r\n");
+    b.send_raw(&req).await;
+    assert_eq!(b.read(false).await, b"-ERR Protocol error: request exceeds the proxy's buffer memory limit\r\n");
+    assert!(b.closed().await, "and closed: the rest of its stream cannot be trusted");
+    assert_eq!(small.call(&["SET", "budget:small", "x"]).await, b"+OK\r\n", "small requests need no budget");
+
+    a.send_raw(&va[5 << 19..]).await;
+    a.send_raw(b"\r\n").await;
+    assert_eq!(a.read(false).await, b"+OK\r\n", "the request that fit completes");
+    let got = a.call(&["GET", "budget:a"]).await;
+    assert_eq!(got.len(), va.len() + 12, "$3145728 CRLF, the value, CRLF");
+    assert!(got[10..10 + va.len()] == va[..], "byte for byte");
+
+    let mut c = login().await;
+    let mut req = set_header("budget:c", vb.len()).into_bytes();
+    req.extend_from_slice(&vb);
+    req.extend_from_slice(b"\r\n");
+    c.send_raw(&req).await;
+    assert_eq!(c.read(false).await, b"+OK\r\n", "with the budget free again, the same request goes through");
+    assert_eq!(r.running.shared().request_memory.used(), 0, "nothing stays charged");
+}

@@ -177,6 +177,11 @@ struct RawLimits {
     cancel_per_source_per_second: u32,
     #[serde(default)]
     worker_threads: Option<usize>,
+    #[serde(default = "d_buffered")]
+    max_buffered_request_bytes: u64,
+}
+fn d_buffered() -> u64 {
+    1 << 30
 }
 fn d_max_conn() -> usize {
     10_000
@@ -212,6 +217,7 @@ impl Default for RawLimits {
             upstream_connect_timeout: d_10s(),
             cancel_per_source_per_second: d_cancel_rate(),
             worker_threads: None,
+            max_buffered_request_bytes: d_buffered(),
         }
     }
 }
@@ -360,6 +366,9 @@ pub struct Limits {
     /// Threads serving connections (default: half the CPUs this process may use, at least
     /// one; a sidecar shares its node with the app). Read at start only.
     pub worker_threads: usize,
+    /// Bytes of incomplete requests all connections together may hold beyond 64 KiB each
+    /// (default 1 GiB); a request that would go over is refused and its connection closed.
+    pub max_buffered_request_bytes: u64,
 }
 
 /// `[lockout]`.
@@ -570,6 +579,7 @@ impl RawConfig {
                 Some(n) => n,
                 None => std::thread::available_parallelism().map_or(1, |n| n.get().div_ceil(2)),
             },
+            max_buffered_request_bytes: self.limits.max_buffered_request_bytes,
         };
         let lockout = Lockout {
             max_failures: self.lockout.max_failures,

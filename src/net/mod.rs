@@ -1,6 +1,7 @@
 //! Networking shared by both protocols: accepting with admission, TLS, upstream dialling.
 
 pub mod listener;
+pub mod memory;
 pub mod stream;
 pub mod tls;
 pub mod upstream;

@@ -10,6 +10,7 @@ use super::login::{OK, UPSTREAM_DOWN};
 use super::replies::{Effect, Slot, SubKind};
 use super::session::{Piece, ReplyMode, Session, error_line, sanitize};
 use crate::audit::Event;
+use crate::net::memory::FREE_PER_CONNECTION;
 use crate::net::stream::Stream;
 use crate::policy::redis_acl::{Decision, Keys};
 
@@ -418,6 +419,17 @@ impl Session {
             self.preauth_bytes += at as u64;
         }
         let bytes = cbuf.split_to(at).freeze();
+        // What is left is a request still arriving: beyond the connection's free share it is
+        // held against the process-wide budget, or refused.
+        if perr.is_none() && (cbuf.len() > FREE_PER_CONNECTION || self.held.bytes() > 0) {
+            let limit = self.shared.config().limits.max_buffered_request_bytes;
+            if !self.held.hold(cbuf.len(), limit) {
+                tracing::warn!(pending = cbuf.len(), "request memory budget exhausted: refusing the request");
+                cbuf.clear();
+                self.partial = None;
+                perr = Some(ProtocolError("request exceeds the proxy's buffer memory limit".into()));
+            }
+        }
         let mut pieces: Vec<Piece> = Vec::new();
         let mut allowed = 0u64;
         for req in &reqs {
@@ -468,7 +480,8 @@ impl Session {
             tracing::debug!(error = %e, "protocol error from client");
             self.replies.push(Slot::Local(Bytes::from(e.reply())));
             self.quitting = true;
-            self.audit(Event::ConnRejected, "refused", Some("protocol_error"));
+            let reason = if e.0.contains("memory limit") { "memory_limit" } else { "protocol_error" };
+            self.audit(Event::ConnRejected, "refused", Some(reason));
         }
         Batch { bytes, pieces, reparse: reparse && !self.quitting }
     }

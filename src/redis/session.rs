@@ -114,6 +114,8 @@ pub(super) struct Session {
     pub(super) partial: Option<super::codec::Partial>,
     /// Until when an unauthenticated client may stay (TLS + login; again after RESET).
     pub(super) auth_deadline: Option<Instant>,
+    /// This connection's share of the process-wide request memory budget.
+    pub(super) held: crate::net::memory::Held,
     up_bytes: u64,
     down_bytes: u64,
 }
@@ -162,6 +164,7 @@ pub async fn handle(acc: Accepted, l: Arc<RedisListener>, shared: Arc<Shared>) {
         multi_mask: Vec::new(),
         partial: None,
         auth_deadline: Some(deadline),
+        held: crate::net::memory::Held::new(shared.request_memory.clone()),
         up_bytes: 0,
         down_bytes: 0,
     };
@@ -405,6 +408,10 @@ impl Session {
                         if !batch.reparse {
                             break;
                         }
+                    }
+                    if cbuf.is_empty() && cbuf.capacity() > READ_BUF {
+                        // a large request is through: its buffer goes back to the allocator
+                        cbuf = BytesMut::new();
                     }
                 }
                 r = read_opt(&mut up, &mut ubuf, &mut u_want) => {
