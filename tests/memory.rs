@@ -126,7 +126,14 @@ upstream_password_file = "{d}/redis.pass"
         ),
     )
     .unwrap();
-    let mut child = Command::new(BIN)
+    struct KillOnDrop(std::process::Child);
+    impl Drop for KillOnDrop {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let child = Command::new(BIN)
         .args(["run", "--config"])
         .arg(dir.path().join("portcullis.toml"))
         .stdout(std::process::Stdio::null())
@@ -134,6 +141,7 @@ upstream_password_file = "{d}/redis.pass"
         .spawn()
         .unwrap();
     let pid = child.id();
+    let _child = KillOnDrop(child);
     let t = Instant::now();
     while std::net::TcpStream::connect(("127.0.0.1", admin)).is_err() {
         assert!(t.elapsed() < Duration::from_secs(10), "binary did not start");
@@ -213,6 +221,4 @@ upstream_password_file = "{d}/redis.pass"
         assert!(t.elapsed() < Duration::from_secs(30), "{} connections left", active(admin));
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    let _ = Command::new("kill").arg(pid.to_string()).status();
-    let _ = child.wait();
 }
