@@ -1,8 +1,9 @@
 //! Hostile clients before authentication: 2,000 slowloris connections (idle, TLS started and
 //! stalled, a byte a second) do not keep a real client from connecting and working, and are
 //! closed at the login deadline; TLS garbage, truncated ClientHellos, SSLv2-style and
-//! TLS 1.0/1.1-only hellos are refused, counted in `tls_handshakes_total`, and leave no
-//! connection behind.
+//! TLS 1.0/1.1-only hellos and a foreign ALPN are refused, counted in `tls_handshakes_total`,
+//! and leave no connection behind; the pre-authentication budgets and the process-wide budget
+//! for requests still arriving refuse exactly what goes over them.
 
 mod support;
 
@@ -203,4 +204,67 @@ async fn request_memory_budget_refuses_the_request_that_would_exceed_it() {
     c.send_raw(&req).await;
     assert_eq!(c.read(false).await, b"+OK\r\n", "with the budget free again, the same request goes through");
     assert_eq!(r.running.shared().request_memory.used(), 0, "nothing stays charged");
+}
+
+fn tls_failures(m: &str) -> u64 {
+    m.lines()
+        .filter(|l| l.starts_with("portcullis_tls_handshakes_total") && l.contains("result=\"failure\""))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum()
+}
+
+/// A client offering only a foreign ALPN protocol (`http/1.1`): the Postgres listener refuses
+/// the handshake with TLS's `no_application_protocol` alert, on direct TLS and after an
+/// SSLRequest alike (as PostgreSQL 17 does), counts it, keeps nothing; a client offering
+/// `postgresql` among others is served. Redis has no ALPN: its native TLS port ignores what the
+/// client offers, and so does the proxy (the same bytes to both: handshake done, `-NOAUTH`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wrong_alpn_is_refused_where_the_protocol_has_one() {
+    let p = proxy("", "").await;
+    let before = p.metrics();
+    let with_alpn = |protos: &[&[u8]]| {
+        let mut cfg = client_tls(false);
+        cfg.alpn_protocols = protos.iter().map(|p| p.to_vec()).collect();
+        std::sync::Arc::new(cfg)
+    };
+    let name = || rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    for ssl_request in [false, true] {
+        let mut tcp = TcpStream::connect(p.addr()).await.unwrap();
+        if ssl_request {
+            tcp.write_all(&[0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f]).await.unwrap();
+            let mut b = [0u8; 1];
+            tcp.read_exact(&mut b).await.unwrap();
+            assert_eq!(b[0], b'S');
+        }
+        let e = tokio_rustls::TlsConnector::from(with_alpn(&[b"http/1.1"]))
+            .connect(name(), tcp)
+            .await
+            .expect_err("no common application protocol");
+        assert!(e.to_string().contains("NoApplicationProtocol"), "ssl_request={ssl_request}: {e}");
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let m = p.metrics();
+    assert_eq!(tls_failures(&m) - tls_failures(&before), 2, "both counted");
+    assert_eq!(gauge(&m, "portcullis_connections_active"), 0, "nothing left behind");
+    let tcp = TcpStream::connect(p.addr()).await.unwrap();
+    let mut s =
+        tokio_rustls::TlsConnector::from(with_alpn(&[b"h2", b"postgresql"])).connect(name(), tcp).await.unwrap();
+    assert_eq!(s.get_ref().1.alpn_protocol(), Some(&b"postgresql"[..]));
+    s.write_all(&raw::startup(196_608, &[("user", "app"), ("database", "app")])).await.unwrap();
+    assert_eq!(raw::read_msg(&mut s).await.unwrap().0, b'R', "served: the SCRAM challenge");
+
+    // Redis: the native TLS port is the oracle
+    let r = redis_proxy("", "").await;
+    let mut replies = Vec::new();
+    for port in [redis().tls_port.expect("native TLS"), r.redis_port()] {
+        let tcp = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+        let mut s = tokio_rustls::TlsConnector::from(with_alpn(&[b"http/1.1"])).connect(name(), tcp).await.unwrap();
+        assert_eq!(s.get_ref().1.alpn_protocol(), None);
+        s.write_all(b"*1\r\n$4\r\nPING\r\n").await.unwrap();
+        let mut b = vec![0u8; 256];
+        let n = s.read(&mut b).await.unwrap();
+        replies.push(b[..n].to_vec());
+    }
+    assert_eq!(replies[0], replies[1], "the same as Redis's own TLS");
+    assert!(replies[1].starts_with(b"-NOAUTH"));
 }
