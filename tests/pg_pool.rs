@@ -188,3 +188,27 @@ async fn a_role_altered_while_in_use_is_not_parked() {
     let user: String = c.query_one("select current_user::text", &[]).await.unwrap().get(0);
     assert_eq!(user, "pool_rt");
 }
+
+/// Clients choose their startup parameters, so they choose how many pool keys there are: the
+/// listener keeps at most `pool_max_parked` sessions across all keys, closing the one parked
+/// longest to make room, and a client of the newest key still gets its parked session.
+#[tokio::test]
+async fn parked_sessions_are_bounded_across_keys() {
+    let p = proxy("", "pool = \"session\"\npool_size = 2\npool_max_parked = 3").await;
+    let mut pids = Vec::new();
+    for i in 0..5 {
+        let c = connect(p.port(), "app", APP_PASSWORD, &format!("application_name=key{i}")).await.unwrap();
+        pids.push(backend_pid(&c).await);
+        drop(c);
+        parked(&p, (i + 1).min(3)).await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(p.running.pg_listeners()[0].pool.idle(), 3, "at most pool_max_parked in all");
+    let alive = |pid: i32| {
+        pg().psql_admin(&format!("select count(*) from pg_stat_activity where pid = {pid}")).unwrap().trim() == "1"
+    };
+    assert!(!alive(pids[0]) && !alive(pids[1]), "the two parked longest were closed at PostgreSQL");
+    assert!(pids[2..].iter().all(|p| alive(*p)), "the newest three are parked");
+    let c = connect(p.port(), "app", APP_PASSWORD, "application_name=key4").await.unwrap();
+    assert_eq!(backend_pid(&c).await, pids[4], "and handed out");
+}

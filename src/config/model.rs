@@ -289,6 +289,8 @@ struct RawPostgres {
     #[serde(default)]
     pool_size: Option<usize>,
     #[serde(default)]
+    pool_max_parked: Option<usize>,
+    #[serde(default)]
     pool_idle_timeout: Option<Spanned<String>>,
     #[serde(default)]
     pool_max_lifetime: Option<Spanned<String>>,
@@ -459,6 +461,10 @@ pub struct PostgresListener {
 pub struct PgPool {
     /// Idle upstream sessions kept per (upstream user, database, parameters) (default 20).
     pub size: usize,
+    /// Idle upstream sessions kept across all keys of the listener (default 100): clients
+    /// choose startup parameters, so keys are theirs to multiply; the longest parked session
+    /// makes room.
+    pub max_parked: usize,
     /// An idle upstream session older than this is closed (default 60s).
     pub idle_timeout: Duration,
     /// An upstream session is not reused once it has been open this long (default 1h, as
@@ -629,6 +635,7 @@ impl RawConfig {
                     }
                     Some(PgPool {
                         size: p.pool_size.unwrap_or(20),
+                        max_parked: p.pool_max_parked.unwrap_or(100),
                         idle_timeout: match &p.pool_idle_timeout {
                             Some(d) => dur(d, file, src)?,
                             None => Duration::from_secs(60),

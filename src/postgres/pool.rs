@@ -5,7 +5,8 @@
 //! database and startup parameters gets it: the proxy replays the session's ParameterStatus
 //! messages (as they stand after the reset), a fresh proxy cancel key and ReadyForQuery.
 //! A parked session is held by nobody else, checked for liveness when taken, and closed after
-//! `pool_idle_timeout`; at most `pool_size` are parked per key.
+//! `pool_idle_timeout`; at most `pool_size` are parked per key and `pool_max_parked` in all
+//! (the longest parked is closed to make room).
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -140,14 +141,15 @@ impl SessionPool {
     }
 
     /// Resets a session a client left and parks it; closes it when the reset fails or the
-    /// key already has `size` parked.
+    /// key already has `pool_size` parked. With `pool_max_parked` parked in all, the one
+    /// parked longest (any key) is closed to make room.
     pub async fn checkin(
         &self,
         key: String,
         io: Stream,
         mut startup: UpstreamStartup,
         in_transaction: bool,
-        size: usize,
+        cfg: &crate::config::PgPool,
     ) {
         let reset = async {
             let mut r = MsgReader::new(io, BytesMut::new());
@@ -171,18 +173,33 @@ impl SessionPool {
         if startup.is_superuser != Some(false) {
             return close(io).await;
         }
-        let rejected = {
+        let (rejected, evicted) = {
             let Ok(mut m) = self.idle.lock() else { return };
-            let v = m.entry(key).or_default();
-            if v.len() < size {
-                v.push(Pooled { io, startup, parked: Instant::now() });
-                None
+            if m.get(&key).is_some_and(|v| v.len() >= cfg.size) || cfg.max_parked == 0 {
+                (Some(io), None)
             } else {
-                Some(io)
+                let mut evicted = None;
+                if m.values().map(Vec::len).sum::<usize>() >= cfg.max_parked {
+                    // each key's list is oldest first
+                    let oldest = m.iter().filter_map(|(k, v)| Some((v.first()?.parked, k.clone()))).min();
+                    if let Some((_, k)) = oldest
+                        && let Some(v) = m.get_mut(&k)
+                    {
+                        evicted = Some(v.remove(0));
+                        if v.is_empty() {
+                            m.remove(&k);
+                        }
+                    }
+                }
+                m.entry(key).or_default().push(Pooled { io, startup, parked: Instant::now() });
+                (None, evicted)
             }
         };
         if let Some(io) = rejected {
             close(io).await;
+        }
+        if let Some(p) = evicted {
+            close(p.io).await;
         }
     }
 

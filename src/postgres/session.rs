@@ -139,7 +139,7 @@ pub async fn handle(acc: Accepted, l: Arc<PgListener>, shared: Arc<Shared>) {
         // its own must not reach the next client), then reset and park, off its path.
         drop(s.cancel_key.take());
         let l = s.l.clone();
-        tokio::spawn(async move { l.pool.checkin(key, left.io, startup, left.in_transaction, pool.size).await });
+        tokio::spawn(async move { l.pool.checkin(key, left.io, startup, left.in_transaction, &pool).await });
     }
     let (bin, bout) = shared.metrics.bytes(&s.cfg.name);
     bin.inc_by(stats.up);
