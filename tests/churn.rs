@@ -6,6 +6,11 @@
 
 mod support;
 
+// The allocator the binary ships with (glibc's arenas keep freed memory per thread, which
+// would measure the allocator, not the proxy).
+#[global_allocator]
+static ALLOC: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 use std::time::Duration;
 
 use support::*;

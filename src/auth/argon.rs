@@ -21,6 +21,11 @@ const CACHE_MAX: usize = 10_000;
 pub struct Argon2Pool {
     permits: Arc<Semaphore>,
     cache: DashMap<[u8; 32], Instant>,
+    /// Verifications running, by cache key: logins presenting the same credentials at once
+    /// (a fleet reconnecting, the cache entry expiring under load) share one computation.
+    inflight: DashMap<[u8; 32], Arc<tokio::sync::OnceCell<bool>>>,
+    /// Argon2 computations run so far.
+    computed: std::sync::atomic::AtomicU64,
     key: [u8; 32],
 }
 
@@ -29,7 +34,13 @@ impl Argon2Pool {
     pub fn new(parallel: usize) -> Argon2Pool {
         let mut key = [0u8; 32];
         rand::fill(&mut key);
-        Argon2Pool { permits: Arc::new(Semaphore::new(parallel.max(1))), cache: DashMap::new(), key }
+        Argon2Pool {
+            permits: Arc::new(Semaphore::new(parallel.max(1))),
+            cache: DashMap::new(),
+            inflight: DashMap::new(),
+            computed: Default::default(),
+            key,
+        }
     }
 
     fn cache_key(&self, user: &str, phc: &str, password: &[u8]) -> [u8; 32] {
@@ -48,22 +59,36 @@ impl Argon2Pool {
         if self.cache.get(&key).is_some_and(|t| t.elapsed() < CACHE_TTL) {
             return true;
         }
-        let Ok(_permit) = self.permits.clone().acquire_owned().await else {
-            return false;
-        };
-        let (phc, password) = (phc.to_string(), password.to_vec());
-        let ok = tokio::task::spawn_blocking(move || {
-            PasswordHash::new(&phc).is_ok_and(|h| argon2::Argon2::default().verify_password(&password, &h).is_ok())
-        })
-        .await
-        .unwrap_or(false);
-        if ok {
-            if self.cache.len() >= CACHE_MAX {
-                self.cache.clear();
-            }
-            self.cache.insert(key, Instant::now());
-        }
+        let flight = self.inflight.entry(key).or_default().clone();
+        let ok = *flight
+            .get_or_init(|| async {
+                let Ok(_permit) = self.permits.clone().acquire_owned().await else {
+                    return false;
+                };
+                self.computed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let (phc, password) = (phc.to_string(), password.to_vec());
+                let ok = tokio::task::spawn_blocking(move || {
+                    PasswordHash::new(&phc)
+                        .is_ok_and(|h| argon2::Argon2::default().verify_password(&password, &h).is_ok())
+                })
+                .await
+                .unwrap_or(false);
+                if ok {
+                    if self.cache.len() >= CACHE_MAX {
+                        self.cache.clear();
+                    }
+                    self.cache.insert(key, Instant::now());
+                }
+                ok
+            })
+            .await;
+        self.inflight.remove_if(&key, |_, f| Arc::ptr_eq(f, &flight));
         ok
+    }
+
+    /// Argon2 computations run so far (cache hits and shared verifications not counted).
+    pub fn computed(&self) -> u64 {
+        self.computed.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Verifies against a dummy hash (unknown users), so timing does not reveal who exists.
@@ -86,6 +111,27 @@ pub fn hash(password: &[u8]) -> Result<String, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_logins_with_the_same_credentials_share_one_verification() {
+        let pool = Arc::new(Argon2Pool::new(1));
+        let phc = hash(b"right").unwrap();
+        let mut set = tokio::task::JoinSet::new();
+        for _ in 0..16 {
+            let (pool, phc) = (pool.clone(), phc.clone());
+            set.spawn(async move { pool.verify("u", &phc, b"right").await });
+        }
+        while let Some(ok) = set.join_next().await {
+            assert!(ok.unwrap());
+        }
+        assert_eq!(pool.computed(), 1, "sixteen logins, one Argon2 computation");
+        assert!(pool.inflight.is_empty(), "nothing left in flight");
+        assert_eq!(pool.cache.len(), 1);
+        // a wrong password is not served by a flight or the cache
+        assert!(!pool.verify("u", &phc, b"wrong").await);
+        assert!(!pool.verify("u", &phc, b"wrong").await);
+        assert_eq!(pool.computed(), 3);
+    }
 
     #[tokio::test]
     async fn verifies_and_caches_only_successes() {
