@@ -21,7 +21,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
 /// Seeds larger than this are cut: libFuzzer mutates small inputs far faster.
-const SEED_MAX: usize = 16 * 1024;
+const SEED_MAX: usize = 4 * 1024;
 
 /// A relay to `target` that records the bytes each client connection sends.
 struct Recorder {
