@@ -203,6 +203,15 @@ async fn request_memory_budget_refuses_the_request_that_would_exceed_it() {
     req.extend_from_slice(b"\r\n");
     c.send_raw(&req).await;
     assert_eq!(c.read(false).await, b"+OK\r\n", "with the budget free again, the same request goes through");
+    // wide: 1.2 MB of empty arguments parse into far more memory than their bytes, and count so
+    let mut d = login().await;
+    let mut wide = b"*3000000\r\n".to_vec();
+    for _ in 0..200_000 {
+        wide.extend_from_slice(b"$0\r\n\r\n");
+    }
+    d.send_raw(&wide).await;
+    assert_eq!(d.read(false).await, b"-ERR Protocol error: request exceeds the proxy's buffer memory limit\r\n");
+    assert!(d.closed().await);
     assert_eq!(r.running.shared().request_memory.used(), 0, "nothing stays charged");
 }
 
@@ -267,4 +276,58 @@ async fn wrong_alpn_is_refused_where_the_protocol_has_one() {
     }
     assert_eq!(replies[0], replies[1], "the same as Redis's own TLS");
     assert!(replies[1].starts_with(b"-NOAUTH"));
+}
+
+/// Malformed RESP after authentication, the real Redis as the oracle: nested arrays (no
+/// nesting in requests: depth is bounded at one; width is bounded by the request memory
+/// budget above), multibulk and bulk lengths out of range or not numbers, an unbalanced inline quote, an inline request over 64 KiB. Each is preceded
+/// by a PING; the proxy answers exactly what Redis answers — the PING's reply, then
+/// `-ERR Protocol error: …` — and closes the connection as Redis does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_requests_get_redis_own_protocol_errors() {
+    let r = redis_proxy("", "").await;
+    acl_user("oracle-malformed", "oracle-pw", "+@all ~*").await;
+    let long_inline = {
+        let mut v = b"SET k ".to_vec();
+        v.resize(70 * 1024, b'a');
+        v
+    };
+    let cases: Vec<(&str, Vec<u8>)> = vec![
+        ("nested array", b"*1\r\n*1\r\n$4\r\nPING\r\n".to_vec()),
+        ("deep nesting", b"*1\r\n".repeat(1000)),
+        ("multibulk over INT_MAX", b"*2147483648\r\n".to_vec()),
+        ("multibulk not a number", b"*x\r\n".to_vec()),
+        ("bulk length not a number", b"*1\r\n$x\r\n".to_vec()),
+        ("negative bulk length", b"*1\r\n$-5\r\n".to_vec()),
+        ("bulk over proto-max-bulk-len", b"*2\r\n$3\r\nGET\r\n$536870913\r\n".to_vec()),
+        ("unbalanced inline quotes", b"SET a \"b\r\n".to_vec()),
+        ("inline over 64 KiB", long_inline),
+    ];
+    for (what, bad) in cases {
+        let mut input = b"*3\r\n$4\r\nAUTH\r\n".to_vec();
+        let run = |user: &str, pw: &str| {
+            let mut v = input.clone();
+            v.extend_from_slice(format!("${}\r\n{user}\r\n${}\r\n{pw}\r\n", user.len(), pw.len()).as_bytes());
+            v.extend_from_slice(b"*1\r\n$4\r\nPING\r\n");
+            v.extend_from_slice(&bad);
+            v
+        };
+        let (to_proxy, to_redis) = (run("app", REDIS_APP_PW), run("oracle-malformed", "oracle-pw"));
+        input.clear();
+        let mut got = Vec::new();
+        for (proxied, bytes) in [(true, to_proxy), (false, to_redis)] {
+            let tcp =
+                TcpStream::connect(("127.0.0.1", if proxied { r.redis_port() } else { redis().port })).await.unwrap();
+            let mut io: Box<dyn RawIo> =
+                if proxied { Box::new(tls_connect(tcp, client_tls(false)).await) } else { Box::new(tcp) };
+            io.write_all(&bytes).await.unwrap();
+            io.flush().await.unwrap();
+            let mut out = Vec::new();
+            let r = tokio::time::timeout(Duration::from_secs(5), io.read_to_end(&mut out)).await;
+            assert!(r.is_ok(), "{what}: closed (proxied={proxied}), have {:?}", String::from_utf8_lossy(&out));
+            got.push(out);
+        }
+        assert_eq!(String::from_utf8_lossy(&got[0]), String::from_utf8_lossy(&got[1]), "{what}");
+        assert!(got[0].starts_with(b"+OK\r\n+PONG\r\n-ERR Protocol error: "), "{what}: {:?}", got[0]);
+    }
 }

@@ -87,6 +87,14 @@ pub struct Partial {
     pos: usize,
 }
 
+impl Partial {
+    /// Memory the parsed arguments of the incomplete request hold (a wide request of empty
+    /// arguments holds more here than in the buffer).
+    pub fn held_bytes(&self) -> usize {
+        self.args.capacity() * std::mem::size_of::<ArgRef>()
+    }
+}
+
 /// Parses the request starting at `buf[at..]`. `Ok(None)`: incomplete. `unauthenticated`
 /// applies Redis's pre-auth caps (multibulk ≤ 10, bulk ≤ 16384).
 pub fn parse_request(

@@ -421,10 +421,11 @@ impl Session {
         let bytes = cbuf.split_to(at).freeze();
         // What is left is a request still arriving: beyond the connection's free share it is
         // held against the process-wide budget, or refused.
-        if perr.is_none() && (cbuf.len() > FREE_PER_CONNECTION || self.held.bytes() > 0) {
+        let pending = cbuf.len() + self.partial.as_ref().map_or(0, |p| p.held_bytes());
+        if perr.is_none() && (pending > FREE_PER_CONNECTION || self.held.bytes() > 0) {
             let limit = self.shared.config().limits.max_buffered_request_bytes;
-            if !self.held.hold(cbuf.len(), limit) {
-                tracing::warn!(pending = cbuf.len(), "request memory budget exhausted: refusing the request");
+            if !self.held.hold(pending, limit) {
+                tracing::warn!(pending, "request memory budget exhausted: refusing the request");
                 cbuf.clear();
                 self.partial = None;
                 perr = Some(ProtocolError("request exceeds the proxy's buffer memory limit".into()));
