@@ -331,3 +331,42 @@ async fn malformed_requests_get_redis_own_protocol_errors() {
         assert!(got[0].starts_with(b"+OK\r\n+PONG\r\n-ERR Protocol error: "), "{what}: {:?}", got[0]);
     }
 }
+
+/// Declared Postgres lengths that never arrive cost nothing: a startup packet declaring 100 MB
+/// (over PostgreSQL's 10,000-byte maximum) and a SASL response declaring 100 MB are refused as
+/// soon as their header is read, without waiting for a body, with an ErrorResponse and a
+/// close; real clients are unaffected. (PostgreSQL itself logs the first and closes without a
+/// word, and answers the second with 28P01; the proxy says what was wrong: 08P01.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_declared_lengths_that_never_arrive_are_refused_at_once() {
+    let p = proxy("", "").await;
+    let ssl = |mut tcp: TcpStream| async move {
+        tcp.write_all(&[0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f]).await.unwrap();
+        let mut b = [0u8; 1];
+        tcp.read_exact(&mut b).await.unwrap();
+        assert_eq!(b[0], b'S');
+        tls_connect(tcp, client_tls(false)).await
+    };
+    let mut s = ssl(TcpStream::connect(p.addr()).await.unwrap()).await;
+    s.write_all(&100_000_000u32.to_be_bytes()).await.unwrap();
+    let (tag, body) = tokio::time::timeout(Duration::from_secs(2), raw::read_msg(&mut s)).await.unwrap().unwrap();
+    assert_eq!(
+        (tag, raw::code_and_message(&body)),
+        (b'E', ("08P01".into(), "invalid length of startup packet".into()))
+    );
+    let mut rest = Vec::new();
+    assert_eq!(tokio::time::timeout(Duration::from_secs(2), s.read_to_end(&mut rest)).await.unwrap().unwrap(), 0);
+
+    let mut s = ssl(TcpStream::connect(p.addr()).await.unwrap()).await;
+    s.write_all(&raw::startup(196_608, &[("user", "app"), ("database", "app")])).await.unwrap();
+    assert_eq!(raw::read_msg(&mut s).await.unwrap().0, b'R', "the SASL challenge");
+    s.write_all(b"p").await.unwrap();
+    s.write_all(&100_000_000u32.to_be_bytes()).await.unwrap();
+    let (tag, body) = tokio::time::timeout(Duration::from_secs(2), raw::read_msg(&mut s)).await.unwrap().unwrap();
+    assert_eq!((tag, raw::code_and_message(&body)), (b'E', ("08P01".into(), "invalid message length".into())));
+    let mut rest = Vec::new();
+    assert_eq!(tokio::time::timeout(Duration::from_secs(2), s.read_to_end(&mut rest)).await.unwrap().unwrap(), 0);
+
+    let c = connect(p.port(), "app", APP_PASSWORD, "").await.expect("real clients unaffected");
+    assert_eq!(c.query_one("select 1", &[]).await.unwrap().get::<_, i32>(0), 1);
+}
