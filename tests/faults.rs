@@ -253,6 +253,11 @@ async fn redis_server_killed_mid_session_and_restarted() {
     assert_eq!(b.call(&["AUTH", "app", REDIS_APP_PW]).await, b"+OK\r\n");
     eventually_ready(&p, 200).await;
 
+    // CLIENT REPLY OFF: its pending BLPOP has no reply to replace, so it gets none
+    let mut hidden = RawRedis::proxy(p.redis_port()).await;
+    assert_eq!(hidden.call(&["AUTH", "app", REDIS_APP_PW]).await, b"+OK\r\n");
+    hidden.send(&["CLIENT", "REPLY", "OFF"]).await;
+    hidden.send(&["BLPOP", "fault:empty", "5"]).await;
     a.send(&["BLPOP", "fault:empty", "5"]).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     own.kill();
@@ -261,6 +266,7 @@ async fn redis_server_killed_mid_session_and_restarted() {
     assert!(t.elapsed() < Duration::from_secs(3));
     assert!(a.closed().await, "and closed");
     assert!(idle.closed().await, "the idle session on the dead server is closed");
+    assert!(hidden.closed().await, "closed without a byte: no unasked reply");
     assert_eq!(b.call(&["PING"]).await, b"+PONG\r\n", "other listeners unaffected");
 
     let mut c = RawRedis::proxy(p.redis_port()).await;

@@ -181,6 +181,15 @@ impl Replies {
         self.queue.is_empty()
     }
 
+    /// True when the client still waits for a reply it will see (not only hidden ones: the
+    /// proxy's own commands, CLIENT REPLY OFF/SKIP).
+    pub(super) fn owes_visible(&self) -> bool {
+        self.queue.iter().any(|s| match s {
+            Slot::Forward { visible, .. } | Slot::UnsubAll { visible, .. } => *visible,
+            Slot::Local(_) => true,
+        })
+    }
+
     /// True while subscribed to anything.
     pub(super) fn subscribed(&self) -> bool {
         !(self.channels.is_empty() && self.patterns.is_empty() && self.shard.is_empty())

@@ -418,9 +418,10 @@ impl Session {
                     match r {
                         Ok(0) | Err(_) => {
                             // The upstream went away: what it sent is out. A request still
-                            // waiting gets Redis-style word of it (an idle client gets none: an
-                            // unasked reply would be taken for its next command's); end.
-                            if !self.replies.idle() && ubuf.is_empty() {
+                            // waiting gets Redis-style word of it (an idle client, or one whose
+                            // pending replies are all hidden, gets none: an unasked reply would
+                            // be taken for its next command's); end.
+                            if self.replies.owes_visible() && ubuf.is_empty() {
                                 let _ = client.write_all(super::login::UPSTREAM_DOWN).await;
                             }
                             tracing::warn!("upstream closed the session");
