@@ -8,7 +8,8 @@
 //!
 //! `cargo bench --bench e2e` (apt-get install -y stunnel4 haproxy pgbouncer for the comparison
 //! columns). Knobs: E2E_ROUNDS, E2E_REDIS_REQUESTS (default 200000), E2E_PG_SECONDS (default 5),
-//! E2E_IDLE_CONNECTIONS (default 10000, or what the open-files hard limit allows), E2E_ONLY (comma list: redis,latency,pg,pgconnect,idle).
+//! E2E_IDLE_CONNECTIONS (default 10000, or what the open-files hard limit allows), E2E_ONLY (comma list: redis,latency,pg,pgconnect,idle),
+//! E2E_BIN (another portcullis binary, to compare builds).
 //! No assertions: timings never go in tests.
 
 #[path = "../tests/support/mod.rs"]
@@ -144,7 +145,8 @@ upstream_password_file = "{d}/redis.pass"
         d = dir.display()
     );
     std::fs::write(dir.join("portcullis.toml"), config).unwrap();
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_portcullis"));
+    let bin = std::env::var("E2E_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_portcullis").to_string());
+    let mut cmd = Command::new(bin);
     cmd.args(["run", "--config"]).arg(dir.join("portcullis.toml")).env("PORTCULLIS_LOG", "warn");
     let f = spawn("portcullis", cmd, rp, dir).expect("portcullis starts");
     assert!(wait_port(pp) && wait_port(pool_port));
