@@ -144,3 +144,21 @@ async fn fifty_concurrent_sessions() {
     }
     assert_eq!(pids.len(), 50, "one upstream session per client");
 }
+
+/// `bytes_total` is current while a session lasts (a pooled or long-lived session would
+/// otherwise show nothing until it ends).
+#[tokio::test]
+async fn bytes_total_counts_while_the_session_is_open() {
+    let p = proxy("", "").await;
+    let bytes = |dir: &str| {
+        let needle = format!("portcullis_bytes_total{{direction=\"{dir}\",listener=\"main\"}} ");
+        p.metrics().lines().find_map(|l| l.strip_prefix(&needle)?.parse::<u64>().ok()).unwrap_or(0)
+    };
+    let c = connect(p.port(), "app", APP_PASSWORD, "").await.unwrap();
+    let (up0, down0) = (bytes("client_to_upstream"), bytes("upstream_to_client"));
+    let row = c.query_one("select repeat('x', 100000)", &[]).await.unwrap();
+    assert_eq!(row.get::<_, String>(0).len(), 100_000);
+    assert!(bytes("upstream_to_client") >= down0 + 100_000, "{}", p.metrics());
+    assert!(bytes("client_to_upstream") > up0);
+    drop(c);
+}

@@ -26,6 +26,21 @@ fn grow(buf: &mut Vec<u8>, n: usize) {
     }
 }
 
+/// Bytes one direction carried: the session's total (for the audit record) and the
+/// listener's `bytes_total` counter, kept current as they flow (long sessions show up in
+/// Prometheus while they last, not when they end).
+struct Carried {
+    total: u64,
+    metric: prometheus::IntCounter,
+}
+
+impl Carried {
+    fn add(&mut self, n: u64) {
+        self.total += n;
+        self.metric.inc_by(n);
+    }
+}
+
 /// What a session moved.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub(super) struct Stats {
@@ -215,7 +230,13 @@ impl Flow {
 
 /// Client → upstream until EOF (then half-closes the writer), an error, or `flow.stop`
 /// (checked only between reads, so a message is never cut).
-async fn client_to_upstream<R, W>(r: &mut R, w: &mut W, count: &mut u64, flow: &Flow, mut b: Boundary) -> io::Result<()>
+async fn client_to_upstream<R, W>(
+    r: &mut R,
+    w: &mut W,
+    count: &mut Carried,
+    flow: &Flow,
+    mut b: Boundary,
+) -> io::Result<()>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
@@ -240,20 +261,20 @@ where
             let at = at as usize;
             w.write_all(&buf[..at]).await?;
             w.flush().await?;
-            *count += at as u64;
+            count.add(at as u64);
             flow.up_settled.store(true, Relaxed);
             return Ok(());
         }
         w.write_all(&buf[..n]).await?;
         w.flush().await?;
-        *count += n as u64;
+        count.add(n as u64);
         flow.up_settled.store(b.at_boundary(), Relaxed);
         grow(&mut buf, n);
     }
 }
 
 /// Upstream → client until EOF, an error, or (draining) the session is between requests.
-async fn upstream_to_client<R, W>(r: &mut R, w: &mut W, count: &mut u64, flow: &Flow) -> io::Result<()>
+async fn upstream_to_client<R, W>(r: &mut R, w: &mut W, count: &mut Carried, flow: &Flow) -> io::Result<()>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
@@ -269,7 +290,7 @@ where
         flow.down_settled.store(false, Relaxed);
         w.write_all(&buf[..n]).await?;
         w.flush().await?;
-        *count += n as u64;
+        count.add(n as u64);
         flow.upstream_bytes(&mut b, &buf[..n]);
         if flow.stop_if_quiescent() {
             return Ok(());
@@ -285,6 +306,8 @@ where
 pub(super) async fn forward(s: &Session, ready: Ready, pooling: bool) -> (Stats, Option<Leftover>) {
     let Ready { client, upstream } = ready;
     let mut stats = Stats::default();
+    let (bin, bout) = s.shared.metrics.bytes(&s.cfg.name);
+    let (mut up, mut down) = (Carried { total: 0, metric: bin }, Carried { total: 0, metric: bout });
     let (mut cio, mut uio) = (client.io, upstream.io);
     let flow = Flow::new(pooling);
     let mut first = Boundary::default();
@@ -297,7 +320,7 @@ pub(super) async fn forward(s: &Session, ready: Ready, pooling: bool) -> (Stats,
         if uio.write_all(&client.buf).await.is_err() || uio.flush().await.is_err() {
             return (stats, None);
         }
-        stats.up += client.buf.len() as u64;
+        up.add(client.buf.len() as u64);
         flow.up_settled.store(first.at_boundary(), Relaxed);
     }
     let (mut cr, mut cw) = tokio::io::split(&mut cio);
@@ -310,10 +333,11 @@ pub(super) async fn forward(s: &Session, ready: Ready, pooling: bool) -> (Stats,
         tokio::time::sleep(DRAIN_GRACE).await;
     };
     let (ended_by, cut) = tokio::select! {
-        r = client_to_upstream(&mut cr, &mut uw, &mut stats.up, &flow, first) => ("client", r.map(|_| false)),
-        r = upstream_to_client(&mut ur, &mut cw, &mut stats.down, &flow) => ("upstream", r.map(|_| false)),
+        r = client_to_upstream(&mut cr, &mut uw, &mut up, &flow, first) => ("client", r.map(|_| false)),
+        r = upstream_to_client(&mut ur, &mut cw, &mut down, &flow) => ("upstream", r.map(|_| false)),
         _ = watch => ("drain", Ok(true)),
     };
+    (stats.up, stats.down) = (up.total, down.total);
     let stopped = flow.stop.is_cancelled();
     let client_left = ended_by == "client" && matches!(cut, Ok(false));
     let cut = match cut {

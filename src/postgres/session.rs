@@ -141,9 +141,6 @@ pub async fn handle(acc: Accepted, l: Arc<PgListener>, shared: Arc<Shared>) {
         let l = s.l.clone();
         tokio::spawn(async move { l.pool.checkin(key, left.io, startup, left.in_transaction, &pool).await });
     }
-    let (bin, bout) = shared.metrics.bytes(&s.cfg.name);
-    bin.inc_by(stats.up);
-    bout.inc_by(stats.down);
     let outcome = if stats.killed { ConnOutcome::Drained } else { ConnOutcome::Closed };
     shared.metrics.connection(&s.cfg.name, PG, outcome);
     let mut r = s.record(Event::SessionEnd);

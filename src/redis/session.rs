@@ -118,6 +118,8 @@ pub(super) struct Session {
     pub(super) held: crate::net::memory::Held,
     up_bytes: u64,
     down_bytes: u64,
+    /// The listener's `bytes_total` counters, kept current as bytes flow.
+    bytes_metrics: (prometheus::IntCounter, prometheus::IntCounter),
 }
 
 /// After the drain deadline, how long a session may take to deliver the replies it owes.
@@ -137,6 +139,7 @@ pub(super) fn sanitize(b: &[u8]) -> String {
 pub async fn handle(acc: Accepted, l: Arc<RedisListener>, shared: Arc<Shared>) {
     let Accepted { tcp, peer, session, admission } = acc;
     let cfg = l.config();
+    let cfg_name = cfg.name.clone();
     let commands = l.commands();
     let limit = shared.config().limits.handshake_timeout;
     let deadline = Instant::now() + limit;
@@ -167,6 +170,7 @@ pub async fn handle(acc: Accepted, l: Arc<RedisListener>, shared: Arc<Shared>) {
         held: crate::net::memory::Held::new(shared.request_memory.clone()),
         up_bytes: 0,
         down_bytes: 0,
+        bytes_metrics: shared.metrics.bytes(&cfg_name),
     };
     let started = Instant::now();
     let client = tokio::select! {
@@ -182,9 +186,6 @@ pub async fn handle(acc: Accepted, l: Arc<RedisListener>, shared: Arc<Shared>) {
         _ = shared.kill.cancelled() => return,
     };
     let outcome = s.run(client).await;
-    let (bin, bout) = shared.metrics.bytes(&s.cfg.name);
-    bin.inc_by(s.up_bytes);
-    bout.inc_by(s.down_bytes);
     shared.metrics.connection(&s.cfg.name, REDIS, outcome);
     if s.ever_authenticated {
         let mut r = s.record(Event::SessionEnd);
@@ -396,7 +397,10 @@ impl Session {
                             && !batch.pieces.is_empty()
                         {
                             match send_upstream(u, &batch.bytes, &batch.pieces).await {
-                                Ok(n) => self.up_bytes += n,
+                                Ok(n) => {
+                                    self.up_bytes += n;
+                                    self.bytes_metrics.0.inc_by(n);
+                                }
                                 Err(_) => return ConnOutcome::UpstreamFailed,
                             }
                         }
@@ -465,6 +469,13 @@ impl Session {
         if out.is_empty() {
             return Ok(());
         }
+        let before = self.down_bytes;
+        let r = self.write_out_inner(client, chunk, out).await;
+        self.bytes_metrics.1.inc_by(self.down_bytes - before);
+        r
+    }
+
+    async fn write_out_inner(&mut self, client: &mut Stream, chunk: &Bytes, out: Vec<Out>) -> std::io::Result<()> {
         let mut pending: Option<Range<usize>> = None;
         for o in out {
             match o {
