@@ -277,8 +277,9 @@ impl Running {
     }
 
     /// Reloads the config file, certificates and users files (SIGHUP). A config that does not
-    /// validate is refused and the old one keeps serving. Listener addresses and allow-lists
-    /// take effect at the next restart.
+    /// validate is refused and the old one keeps serving. Allow-lists and per-listener
+    /// connection limits apply to the next connections; listener addresses (and listeners
+    /// added or removed) take effect at the next restart.
     pub fn reload(&self) -> Result<(), String> {
         let path = self.shared.config().path.clone();
         let new = match config::load(&path) {

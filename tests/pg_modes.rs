@@ -369,3 +369,23 @@ async fn drain_deadline_ends_idle_sessions_with_57p01() {
     let e = res.expect_err("the connection was ended");
     assert_eq!(db_error(&e), ("57P01".into(), "terminating connection due to administrator command".into()));
 }
+
+/// A reload applies a changed allow-list to new connections (open sessions stay): the proxy's
+/// own address taken off the list is refused at accept, put back it is served again.
+#[tokio::test]
+async fn allow_list_changes_apply_on_reload() {
+    let p = proxy("", "").await;
+    let open = connect(p.port(), "app", APP_PASSWORD, "").await.unwrap();
+    let text = std::fs::read_to_string(&p.config_path).unwrap();
+    assert!(text.contains("allow = [\"127.0.0.0/8\"]"));
+    std::fs::write(&p.config_path, text.replace("allow = [\"127.0.0.0/8\"]", "allow = [\"10.0.0.0/8\"]")).unwrap();
+    p.running.reload().expect("reload");
+    let e = connect(p.port(), "app", APP_PASSWORD, "").await.expect_err("127.0.0.1 is no longer allowed");
+    assert!(e.as_db_error().is_none(), "closed at accept, before a word: {e}");
+    assert!(p.metrics().contains(r#"outcome="not_allowed""#), "{}", p.metrics());
+    assert_eq!(open.query_one("select 1", &[]).await.unwrap().get::<_, i32>(0), 1, "open sessions stay");
+    std::fs::write(&p.config_path, &text).unwrap();
+    p.running.reload().expect("reload");
+    let c = connect(p.port(), "app", APP_PASSWORD, "").await.expect("allowed again");
+    assert_eq!(c.query_one("select 2", &[]).await.unwrap().get::<_, i32>(0), 2);
+}

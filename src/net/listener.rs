@@ -145,6 +145,22 @@ fn admit(shared: &Shared, spec: &ListenerSpec, listener_count: &Arc<AtomicUsize>
     Verdict::Serve(Ok(permit))
 }
 
+/// The listener's admission settings as the (reloaded) config has them; a listener missing
+/// from it keeps its own (it goes at the next restart, with address changes).
+fn refresh(spec: &mut ListenerSpec, cfg: &crate::config::Config) {
+    let found = match spec.protocol {
+        Protocol::Postgres => cfg.postgres.iter().find(|l| l.name == spec.name).map(|l| (&l.allow, l.max_connections)),
+        Protocol::Redis => cfg.redis.iter().find(|l| l.name == spec.name).map(|l| (&l.allow, l.max_connections)),
+    };
+    if let Some((allow, max)) = found {
+        if *allow != spec.allow {
+            tracing::info!(listener = %spec.name, "allow-list reloaded");
+            spec.allow = allow.clone();
+        }
+        spec.max_connections = max;
+    }
+}
+
 /// Accepts until shutdown; each admitted connection runs `handle` in its own task, tracked
 /// for draining.
 pub async fn accept_loop<F, Fut>(listener: TcpListener, spec: ListenerSpec, shared: Arc<Shared>, handle: F)
@@ -152,7 +168,9 @@ where
     F: Fn(Accepted) -> Fut + Send + Sync + 'static,
     Fut: Future<Output = ()> + Send + 'static,
 {
+    let mut spec = spec;
     let listener_count = Arc::new(AtomicUsize::new(0));
+    let mut seen = shared.config();
     loop {
         let (tcp, peer) = tokio::select! {
             _ = shared.shutdown.cancelled() => break,
@@ -167,6 +185,12 @@ where
             },
         };
         let session = next_session_id();
+        let now = shared.config();
+        if !Arc::ptr_eq(&now, &seen) {
+            // reloaded: the allow-list and the per-listener limit apply to new connections
+            refresh(&mut spec, &now);
+            seen = now;
+        }
         if !allowed(&spec.allow, peer.ip()) {
             shared.metrics.connection(&spec.name, spec.protocol, ConnOutcome::NotAllowed);
             let mut r = Record::new(Event::ConnRejected);
