@@ -61,20 +61,16 @@ fn spawn_watchdog(watched: u32, child: u32, signal: &str, dir: PathBuf) -> io::R
     Ok(())
 }
 
-/// SIGKILL to `pid` and to every process whose parent it is (a postmaster and its backends).
-fn kill_tree(pid: u32) {
-    let children: Vec<String> = std::fs::read_dir("/proc")
-        .into_iter()
-        .flatten()
-        .flatten()
-        .filter_map(|e| {
-            let stat = std::fs::read_to_string(e.path().join("stat")).ok()?;
-            // pid (comm) state ppid ...: comm may hold spaces, so split after the last ')'
-            let ppid: u32 = stat.rsplit_once(')')?.1.split_whitespace().nth(1)?.parse().ok()?;
-            (ppid == pid).then(|| e.file_name().to_string_lossy().into_owned())
-        })
-        .collect();
-    let _ = Command::new("kill").arg("-KILL").arg(pid.to_string()).args(&children).status();
+/// True while a process of process group `pgid` is alive.
+fn kill_tree_alive(pgid: u32) -> bool {
+    std::fs::read_dir("/proc").into_iter().flatten().flatten().any(|e| {
+        let Ok(stat) = std::fs::read_to_string(e.path().join("stat")) else { return false };
+        // pid (comm) state ppid pgrp ...: comm may hold spaces, so split after the last ')';
+        // a zombie (Z) is gone for our purpose, whoever reaps it
+        let Some((_, rest)) = stat.rsplit_once(')') else { return false };
+        let f: Vec<&str> = rest.split_whitespace().collect();
+        f.first() != Some(&"Z") && f.get(2).and_then(|g| g.parse::<u32>().ok()) == Some(pgid)
+    })
 }
 
 /// uid/gid of the `postgres` system user when we are root (PostgreSQL refuses to run as root).
@@ -197,6 +193,8 @@ impl PgInstance {
             .args(ssl)
             .stdout(Stdio::null())
             .stderr(log)
+            // its own process group: `kill` takes the postmaster and every backend at once
+            .process_group(0)
             .spawn()?;
         self.child = Some(child);
         Ok(())
@@ -206,8 +204,16 @@ impl PgInstance {
     /// goodbye on any connection. Fault tests then `restart` it.
     pub fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {
-            kill_tree(child.id());
+            let _ = Command::new("kill").args(["-KILL", "--", &format!("-{}", child.id())]).status();
             let _ = child.wait();
+            // wait until no backend is left attached to the shared memory
+            let t = Instant::now();
+            while kill_tree_alive(child.id()) {
+                if t.elapsed() > Duration::from_secs(10) {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
         }
     }
 

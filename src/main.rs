@@ -182,11 +182,13 @@ fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
             let cfg = portcullis::config::load(&config)?;
             match raise_open_files_limit() {
                 // each proxied connection holds two descriptors, plus listeners and files
-                Ok(n) if n < 2 * cfg.limits.max_connections as u64 + 64 => tracing::warn!(
-                    open_files = n,
-                    max_connections = cfg.limits.max_connections,
-                    "the open-files limit is below 2 x max_connections: connections may fail (raise ulimit -n)"
-                ),
+                Ok(n) if n < (cfg.limits.max_connections as u64).saturating_mul(2).saturating_add(64) => {
+                    tracing::warn!(
+                        open_files = n,
+                        max_connections = cfg.limits.max_connections,
+                        "the open-files limit is below 2 x max_connections: connections may fail (raise ulimit -n)"
+                    )
+                }
                 Ok(_) => {}
                 Err(e) => tracing::warn!(error = %e, "could not read or raise the open-files limit"),
             }

@@ -9,7 +9,8 @@ use argon2::{PasswordHash, PasswordVerifier};
 use dashmap::DashMap;
 use hmac::{Hmac, KeyInit, Mac};
 use sha2::Sha256;
-use tokio::sync::Semaphore;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use tokio::sync::{Semaphore, watch};
 
 /// How long a verified credential is remembered.
 const CACHE_TTL: Duration = Duration::from_secs(60);
@@ -20,12 +21,14 @@ const CACHE_MAX: usize = 10_000;
 #[derive(Debug)]
 pub struct Argon2Pool {
     permits: Arc<Semaphore>,
-    cache: DashMap<[u8; 32], Instant>,
+    cache: Arc<DashMap<[u8; 32], Instant>>,
     /// Verifications running, by cache key: logins presenting the same credentials at once
-    /// (a fleet reconnecting, the cache entry expiring under load) share one computation.
-    inflight: DashMap<[u8; 32], Arc<tokio::sync::OnceCell<bool>>>,
+    /// (a fleet reconnecting, the cache entry expiring under load) share one computation. Each
+    /// runs in a task of its own, so a login that stops waiting (its queue deadline) neither
+    /// cancels it nor leaves its entry behind.
+    inflight: Arc<DashMap<[u8; 32], watch::Receiver<Option<bool>>>>,
     /// Argon2 computations run so far.
-    computed: std::sync::atomic::AtomicU64,
+    computed: Arc<AtomicU64>,
     key: [u8; 32],
 }
 
@@ -36,9 +39,9 @@ impl Argon2Pool {
         rand::fill(&mut key);
         Argon2Pool {
             permits: Arc::new(Semaphore::new(parallel.max(1))),
-            cache: DashMap::new(),
-            inflight: DashMap::new(),
-            computed: Default::default(),
+            cache: Arc::default(),
+            inflight: Arc::default(),
+            computed: Arc::default(),
             key,
         }
     }
@@ -59,36 +62,46 @@ impl Argon2Pool {
         if self.cache.get(&key).is_some_and(|t| t.elapsed() < CACHE_TTL) {
             return true;
         }
-        let flight = self.inflight.entry(key).or_default().clone();
-        let ok = *flight
-            .get_or_init(|| async {
-                let Ok(_permit) = self.permits.clone().acquire_owned().await else {
-                    return false;
-                };
-                self.computed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let mut result = match self.inflight.entry(key) {
+            dashmap::Entry::Occupied(e) => e.get().clone(),
+            dashmap::Entry::Vacant(v) => {
+                let (tx, rx) = watch::channel(None);
+                v.insert(rx.clone());
+                let (permits, cache, inflight, computed) =
+                    (self.permits.clone(), self.cache.clone(), self.inflight.clone(), self.computed.clone());
                 let (phc, password) = (phc.to_string(), password.to_vec());
-                let ok = tokio::task::spawn_blocking(move || {
-                    PasswordHash::new(&phc)
-                        .is_ok_and(|h| argon2::Argon2::default().verify_password(&password, &h).is_ok())
-                })
-                .await
-                .unwrap_or(false);
-                if ok {
-                    if self.cache.len() >= CACHE_MAX {
-                        self.cache.clear();
+                tokio::spawn(async move {
+                    let ok = match permits.acquire_owned().await {
+                        Ok(_permit) => {
+                            computed.fetch_add(1, Relaxed);
+                            tokio::task::spawn_blocking(move || {
+                                PasswordHash::new(&phc)
+                                    .is_ok_and(|h| argon2::Argon2::default().verify_password(&password, &h).is_ok())
+                            })
+                            .await
+                            .unwrap_or(false)
+                        }
+                        Err(_) => false,
+                    };
+                    if ok {
+                        if cache.len() >= CACHE_MAX {
+                            cache.clear();
+                        }
+                        cache.insert(key, Instant::now());
                     }
-                    self.cache.insert(key, Instant::now());
-                }
-                ok
-            })
-            .await;
-        self.inflight.remove_if(&key, |_, f| Arc::ptr_eq(f, &flight));
-        ok
+                    // cached first: a login arriving now finds the cache or this flight
+                    inflight.remove(&key);
+                    let _ = tx.send(Some(ok));
+                });
+                rx
+            }
+        };
+        result.wait_for(Option::is_some).await.is_ok_and(|v| *v == Some(true))
     }
 
     /// Argon2 computations run so far (cache hits and shared verifications not counted).
     pub fn computed(&self) -> u64 {
-        self.computed.load(std::sync::atomic::Ordering::Relaxed)
+        self.computed.load(Relaxed)
     }
 
     /// Verifies against a dummy hash (unknown users), so timing does not reveal who exists.
@@ -125,12 +138,18 @@ mod tests {
             assert!(ok.unwrap());
         }
         assert_eq!(pool.computed(), 1, "sixteen logins, one Argon2 computation");
+        // a login that stops waiting does not cancel the computation others share
+        let other = hash(b"other").unwrap();
+        let gave_up = tokio::time::timeout(Duration::from_millis(1), pool.verify("v", &other, b"other")).await;
+        assert!(gave_up.is_err(), "Argon2 takes longer than 1 ms");
+        assert!(pool.verify("v", &other, b"other").await);
+        assert_eq!(pool.computed(), 2, "the second login joined the first one's computation");
         assert!(pool.inflight.is_empty(), "nothing left in flight");
-        assert_eq!(pool.cache.len(), 1);
+        assert_eq!(pool.cache.len(), 2);
         // a wrong password is not served by a flight or the cache
         assert!(!pool.verify("u", &phc, b"wrong").await);
         assert!(!pool.verify("u", &phc, b"wrong").await);
-        assert_eq!(pool.computed(), 3);
+        assert_eq!(pool.computed(), 4, "each wrong attempt computed");
     }
 
     #[tokio::test]

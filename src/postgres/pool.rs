@@ -175,20 +175,19 @@ impl SessionPool {
         }
         let (rejected, evicted) = {
             let Ok(mut m) = self.idle.lock() else { return };
-            if m.get(&key).is_some_and(|v| v.len() >= cfg.size) || cfg.max_parked == 0 {
-                (Some(io), None)
+            if m.get(&key).map_or(0, Vec::len) >= cfg.size || cfg.max_parked == 0 {
+                (Some(io), Vec::new())
             } else {
-                let mut evicted = None;
-                if m.values().map(Vec::len).sum::<usize>() >= cfg.max_parked {
+                let mut evicted = Vec::new();
+                // (a reload may have lowered the cap below what is parked)
+                while m.values().map(Vec::len).sum::<usize>() >= cfg.max_parked {
                     // each key's list is oldest first
                     let oldest = m.iter().filter_map(|(k, v)| Some((v.first()?.parked, k.clone()))).min();
-                    if let Some((_, k)) = oldest
-                        && let Some(v) = m.get_mut(&k)
-                    {
-                        evicted = Some(v.remove(0));
-                        if v.is_empty() {
-                            m.remove(&k);
-                        }
+                    let Some((_, k)) = oldest else { break };
+                    let Some(v) = m.get_mut(&k) else { break };
+                    evicted.push(v.remove(0));
+                    if v.is_empty() {
+                        m.remove(&k);
                     }
                 }
                 m.entry(key).or_default().push(Pooled { io, startup, parked: Instant::now() });
@@ -198,7 +197,7 @@ impl SessionPool {
         if let Some(io) = rejected {
             close(io).await;
         }
-        if let Some(p) = evicted {
+        for p in evicted {
             close(p.io).await;
         }
     }

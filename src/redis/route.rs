@@ -426,10 +426,15 @@ impl Session {
             let limit = self.shared.config().limits.max_buffered_request_bytes;
             if !self.held.hold(pending, limit) {
                 tracing::warn!(pending, "request memory budget exhausted: refusing the request");
-                cbuf.clear();
-                self.partial = None;
                 perr = Some(ProtocolError("request exceeds the proxy's buffer memory limit".into()));
             }
+        }
+        if perr.is_some() {
+            // The rest of the stream is void: its memory and its charge go now, not when the
+            // replies still owed (a BLPOP, say) are out and the connection closes.
+            *cbuf = BytesMut::new();
+            self.partial = None;
+            self.held.hold(0, u64::MAX);
         }
         let mut pieces: Vec<Piece> = Vec::new();
         let mut allowed = 0u64;

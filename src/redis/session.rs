@@ -31,6 +31,9 @@ const READ_BUF: usize = 64 * 1024;
 /// Where read buffers start: most sessions are idle or send small batches; a read that fills
 /// the buffer doubles the next one, up to `READ_BUF`.
 const READ_BUF_MIN: usize = 4 * 1024;
+/// A read buffer past this held a large request (ordinary reads stay within `READ_BUF`, or
+/// twice that after a reallocation).
+const LARGE_BUF: usize = 4 * READ_BUF;
 
 /// Makes room for the next read (at least a quarter of `want` spare); returns the spare room.
 fn make_room(buf: &mut BytesMut, want: usize) -> usize {
@@ -371,9 +374,12 @@ impl Session {
                     }
                     if self.quitting {
                         // Still watching for the client to go away; its further input is void.
-                        cbuf.clear();
+                        cbuf = BytesMut::new();
                         continue;
                     }
+                    // A large request (or a read after one) lives in a large allocation, which
+                    // stays alive behind a small remainder once the request is through.
+                    let large = cbuf.capacity() > LARGE_BUF;
                     if cbuf.len() > QUERY_BUFFER_LIMIT {
                         tracing::warn!("client query buffer over 1 GiB: closing");
                         return ConnOutcome::ProtocolError;
@@ -413,9 +419,10 @@ impl Session {
                             break;
                         }
                     }
-                    if cbuf.is_empty() && cbuf.capacity() > READ_BUF {
-                        // a large request is through: its buffer goes back to the allocator
-                        cbuf = BytesMut::new();
+                    if large && cbuf.len() <= READ_BUF {
+                        // the large request is through: what is left moves to a small buffer
+                        // and the large allocation goes back to the allocator
+                        cbuf = BytesMut::from(&cbuf[..]);
                     }
                 }
                 r = read_opt(&mut up, &mut ubuf, &mut u_want) => {
