@@ -58,7 +58,7 @@ pub struct Shared {
     pub tracker: TaskTracker,
     /// True while draining (`/readyz` answers 503).
     pub draining: AtomicBool,
-    /// Request bytes held beyond each connection's free share (`max_buffered_request_bytes`).
+    /// Request bytes held beyond each connection's free share (`max_buffered_bytes`).
     pub request_memory: Arc<crate::net::memory::RequestMemory>,
 }
 

@@ -160,14 +160,14 @@ async fn redis_pre_auth_budgets_bound_what_an_unauthenticated_client_can_send() 
     }
 }
 
-/// The process-wide budget for incomplete requests (`max_buffered_request_bytes`, here 4 MiB):
+/// The process-wide budget for incomplete requests (`max_buffered_bytes`, here 4 MiB):
 /// a client holding 2.5 MiB of a 3 MiB SET keeps it; a second client whose 3 MiB SET would take
 /// the total over the budget gets `-ERR Protocol error: …` and is closed; small requests need
 /// no budget and keep working; the first SET completes byte for byte; once the memory is
 /// released, the same 3 MiB SET goes through; nothing stays charged.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn request_memory_budget_refuses_the_request_that_would_exceed_it() {
-    let r = redis_proxy("[limits]\nmax_buffered_request_bytes = 4194304\n", "").await;
+    let r = redis_proxy("[limits]\nmax_buffered_bytes = 4194304\n", "").await;
     let big = |fill: u8| vec![fill; 3 << 20];
     let set_header = |key: &str, len: usize| format!("*3\r\n$3\r\nSET\r\n${}\r\n{key}\r\n${len}\r\n", key.len());
     let login = || async {
@@ -380,4 +380,32 @@ async fn postgres_declared_lengths_that_never_arrive_are_refused_at_once() {
 
     let c = connect(p.port(), "app", APP_PASSWORD, "").await.expect("real clients unaffected");
     assert_eq!(c.query_one("select 1", &[]).await.unwrap().get::<_, i32>(0), 1);
+}
+
+/// Replies are forwarded whole frames at a time, so a reply still arriving is held against the
+/// same budget (`max_buffered_bytes`, here 4 MiB): a 3 MiB value comes back byte for byte, a
+/// 6 MiB one is answered `-ERR reply exceeds the proxy's buffer memory limit` in its place and
+/// the session ends; nothing stays charged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reply_memory_budget_bounds_large_replies() {
+    let r = redis_proxy("[limits]\nmax_buffered_bytes = 4194304\n", "").await;
+    let mut admin = RawRedis::direct_as("portcullis", &redis().password).await;
+    let (small, large) = (vec![b's'; 3 << 20], vec![b'l'; 6 << 20]);
+    for (k, v) in [("budget:reply-small", &small), ("budget:reply-large", &large)] {
+        let mut req = format!("*3\r\n$3\r\nSET\r\n${}\r\n{k}\r\n${}\r\n", k.len(), v.len()).into_bytes();
+        req.extend_from_slice(v);
+        req.extend_from_slice(b"\r\n");
+        admin.send_raw(&req).await;
+        assert_eq!(admin.read(false).await, b"+OK\r\n");
+    }
+    let mut c = RawRedis::proxy(r.redis_port()).await;
+    assert_eq!(c.call(&["AUTH", "app", REDIS_APP_PW]).await, b"+OK\r\n");
+    let got = c.call(&["GET", "budget:reply-small"]).await;
+    assert_eq!(got.len(), small.len() + 12);
+    assert!(got[10..10 + small.len()] == small[..], "byte for byte");
+    assert_eq!(c.call(&["GET", "budget:reply-large"]).await, b"-ERR reply exceeds the proxy's buffer memory limit\r\n");
+    assert!(c.closed().await, "and the session ends");
+    assert_eq!(r.running.shared().request_memory.used(), 0, "nothing stays charged");
+    // the direct oracle has no such limit: a documented policy difference
+    assert_eq!(admin.call(&["STRLEN", "budget:reply-large"]).await, b":6291456\r\n");
 }

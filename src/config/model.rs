@@ -178,7 +178,7 @@ struct RawLimits {
     #[serde(default)]
     worker_threads: Option<usize>,
     #[serde(default = "d_buffered")]
-    max_buffered_request_bytes: u64,
+    max_buffered_bytes: u64,
 }
 fn d_buffered() -> u64 {
     1 << 30
@@ -217,7 +217,7 @@ impl Default for RawLimits {
             upstream_connect_timeout: d_10s(),
             cancel_per_source_per_second: d_cancel_rate(),
             worker_threads: None,
-            max_buffered_request_bytes: d_buffered(),
+            max_buffered_bytes: d_buffered(),
         }
     }
 }
@@ -368,9 +368,10 @@ pub struct Limits {
     /// Threads serving connections (default: half the CPUs this process may use, at least
     /// one; a sidecar shares its node with the app). Read at start only.
     pub worker_threads: usize,
-    /// Bytes of incomplete requests all connections together may hold beyond 64 KiB each
-    /// (default 1 GiB); a request that would go over is refused and its connection closed.
-    pub max_buffered_request_bytes: u64,
+    /// Bytes of incomplete Redis requests and replies all connections together may hold
+    /// beyond 64 KiB each (default 1 GiB); one that would go over ends its connection with an
+    /// error.
+    pub max_buffered_bytes: u64,
 }
 
 /// `[lockout]`.
@@ -585,7 +586,7 @@ impl RawConfig {
                 Some(n) => n,
                 None => std::thread::available_parallelism().map_or(1, |n| n.get().div_ceil(2)),
             },
-            max_buffered_request_bytes: self.limits.max_buffered_request_bytes,
+            max_buffered_bytes: self.limits.max_buffered_bytes,
         };
         let lockout = Lockout {
             max_failures: self.lockout.max_failures,

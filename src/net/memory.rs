@@ -1,10 +1,10 @@
-//! The process-wide budget for request bytes a proxy holds while a request is still arriving
-//! (`[limits] max_buffered_request_bytes`). Every connection may hold its ordinary read buffer
+//! The process-wide budget for bytes a proxy holds while a request (or reply) is still arriving
+//! (`[limits] max_buffered_bytes`). Every connection may hold its ordinary read buffer
 //! (`FREE_PER_CONNECTION`) without asking; a request that arrives in pieces beyond that (a
 //! large Redis value: the policy needs the whole request before anything goes upstream) is
 //! charged here while it is held. A connection whose request would take the total over the
 //! limit is refused, as Redis's `maxmemory-clients` evicts clients, so that memory stays
-//! bounded by `max_connections × per-connection buffers + max_buffered_request_bytes`
+//! bounded by `max_connections × per-connection buffers + max_buffered_bytes`
 //! whatever the clients send.
 
 use std::sync::Arc;

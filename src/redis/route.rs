@@ -423,7 +423,7 @@ impl Session {
         // held against the process-wide budget, or refused.
         let pending = cbuf.len() + self.partial.as_ref().map_or(0, |p| p.held_bytes());
         if perr.is_none() && (pending > FREE_PER_CONNECTION || self.held.bytes() > 0) {
-            let limit = self.shared.config().limits.max_buffered_request_bytes;
+            let limit = self.shared.config().limits.max_buffered_bytes;
             if !self.held.hold(pending, limit) {
                 tracing::warn!(pending, "request memory budget exhausted: refusing the request");
                 perr = Some(ProtocolError("request exceeds the proxy's buffer memory limit".into()));

@@ -23,6 +23,7 @@ use crate::audit::{Event, Record};
 use crate::config::{ListenerTls, RedisListener as RedisConfig, SecretRef};
 use crate::metrics::{ConnOutcome, Protocol};
 use crate::net::listener::Accepted;
+use crate::net::memory::FREE_PER_CONNECTION;
 use crate::net::stream::Stream;
 use crate::policy::redis_acl::AclRules;
 
@@ -49,6 +50,7 @@ fn adapt(want: &mut usize, n: usize, spare: usize) {
         *want = (*want * 2).min(READ_BUF);
     }
 }
+const REPLY_TOO_LARGE: &[u8] = b"-ERR reply exceeds the proxy's buffer memory limit\r\n";
 const TLS_REQUIRED: &[u8] = b"-ERR TLS is required by this server (use rediss:// or --tls)\r\n";
 const MAX_CLIENTS: &[u8] = b"-ERR max number of clients reached\r\n";
 
@@ -117,8 +119,10 @@ pub(super) struct Session {
     pub(super) partial: Option<super::codec::Partial>,
     /// Until when an unauthenticated client may stay (TLS + login; again after RESET).
     pub(super) auth_deadline: Option<Instant>,
-    /// This connection's share of the process-wide request memory budget.
+    /// This connection's share of the process-wide buffer budget: a request still arriving.
     pub(super) held: crate::net::memory::Held,
+    /// The same for a reply still arriving (replies go to the client whole frames at a time).
+    reply_held: crate::net::memory::Held,
     up_bytes: u64,
     down_bytes: u64,
     /// The listener's `bytes_total` counters, kept current as bytes flow.
@@ -171,6 +175,7 @@ pub async fn handle(acc: Accepted, l: Arc<RedisListener>, shared: Arc<Shared>) {
         partial: None,
         auth_deadline: Some(deadline),
         held: crate::net::memory::Held::new(shared.request_memory.clone()),
+        reply_held: crate::net::memory::Held::new(shared.request_memory.clone()),
         up_bytes: 0,
         down_bytes: 0,
         bytes_metrics: shared.metrics.bytes(&cfg_name),
@@ -449,9 +454,28 @@ impl Session {
                             return ConnOutcome::UpstreamFailed;
                         }
                     };
+                    let large = ubuf.capacity() > LARGE_BUF;
                     let chunk = ubuf.split_to(used).freeze();
                     if self.write_out(&mut client, &chunk, out).await.is_err() {
                         return ConnOutcome::Closed;
+                    }
+                    drop(chunk);
+                    // A reply still arriving beyond the free share is held against the same
+                    // budget as requests; one that cannot be is answered with an error in its
+                    // place (nothing of it has gone out) and the session ends.
+                    if ubuf.len() > FREE_PER_CONNECTION || self.reply_held.bytes() > 0 {
+                        let limit = self.shared.config().limits.max_buffered_bytes;
+                        if !self.reply_held.hold(ubuf.len(), limit) {
+                            tracing::warn!(pending = ubuf.len(), "buffer memory budget exhausted: dropping a reply");
+                            if self.replies.owes_visible() {
+                                let _ = client.write_all(REPLY_TOO_LARGE).await;
+                            }
+                            let _ = client.shutdown().await;
+                            return ConnOutcome::ProtocolError;
+                        }
+                    }
+                    if large && ubuf.len() <= READ_BUF {
+                        ubuf = BytesMut::from(&ubuf[..]);
                     }
                     if self.replies.auth_rejected {
                         // The upstream refused the runtime credentials of a re-AUTH: the upstream
