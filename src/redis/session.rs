@@ -9,7 +9,7 @@ use std::ops::Range;
 use std::sync::Arc;
 use std::time::Instant;
 
-use bytes::{Bytes, BytesMut};
+use bytes::{BufMut, Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsAcceptor;
@@ -36,13 +36,36 @@ const READ_BUF_MIN: usize = 4 * 1024;
 /// twice that after a reallocation).
 const LARGE_BUF: usize = 4 * READ_BUF;
 
-/// Makes room for the next read (at least a quarter of `want` spare); returns the spare room.
+/// Makes room for the next read (at least a quarter of `want` spare); returns how much that
+/// read may take: the spare room, at most `want` (reads are capped so that a large request or
+/// reply arrives over several reads, each checked against the buffer budget, however much
+/// room a reallocation left).
 fn make_room(buf: &mut BytesMut, want: usize) -> usize {
     if buf.capacity() - buf.len() < want / 4 {
         buf.reserve(want);
     }
-    buf.capacity() - buf.len()
+    (buf.capacity() - buf.len()).min(want)
 }
+
+/// A lingering close (as nginx's `lingering_close`): after the last reply and our close, the
+/// client's further input is read and dropped until it closes too, for up to `LINGER` and
+/// `LINGER_BYTES`. Closing on unread input would reset the connection, and a client still
+/// writing (a request refused half-way) would lose the error that says why.
+async fn linger(client: &mut Stream) {
+    let mut b = vec![0u8; 16 * 1024];
+    let mut left = LINGER_BYTES;
+    let _ = tokio::time::timeout(LINGER, async {
+        while let Ok(n @ 1..) = client.read(&mut b).await {
+            left = left.saturating_sub(n);
+            if left == 0 {
+                break;
+            }
+        }
+    })
+    .await;
+}
+const LINGER: std::time::Duration = std::time::Duration::from_secs(2);
+const LINGER_BYTES: usize = 64 * 1024 * 1024;
 
 /// After a read of `n` into `spare` bytes of room: a full read asks for a bigger buffer.
 fn adapt(want: &mut usize, n: usize, spare: usize) {
@@ -214,7 +237,7 @@ async fn read_opt<S: AsyncRead + Unpin>(
     match s {
         Some(s) => {
             let spare = make_room(buf, *want);
-            let n = s.read_buf(buf).await?;
+            let n = s.read_buf(&mut (&mut *buf).limit(spare)).await?;
             adapt(want, n, spare);
             Ok(n)
         }
@@ -367,12 +390,15 @@ impl Session {
             let draining = drain_cut.is_some();
             if (self.quitting || draining && !self.in_multi) && self.replies.idle() {
                 let _ = client.shutdown().await;
+                if !draining {
+                    linger(&mut client).await;
+                }
                 return if draining { ConnOutcome::Drained } else { ConnOutcome::Closed };
             }
             let take_requests = !draining || self.in_multi;
             let c_spare = make_room(&mut cbuf, c_want);
             tokio::select! {
-                r = client.read_buf(&mut cbuf), if take_requests => {
+                r = async { client.read_buf(&mut (&mut cbuf).limit(c_spare)).await }, if take_requests => {
                     match r {
                         Ok(0) | Err(_) => return ConnOutcome::Closed,
                         Ok(n) => adapt(&mut c_want, n, c_spare),
