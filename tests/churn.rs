@@ -20,23 +20,6 @@ fn open_fds() -> usize {
     std::fs::read_dir("/proc/self/fd").map(|d| d.count()).unwrap_or(0)
 }
 
-fn rss_kib() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .unwrap_or_default()
-        .lines()
-        .find(|l| l.starts_with("VmRSS:"))
-        .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
-        .unwrap_or(0)
-}
-
-fn active(p: &Proxy) -> i64 {
-    p.metrics()
-        .lines()
-        .filter(|l| l.starts_with("portcullis_connections_active"))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<i64>().ok())
-        .sum()
-}
-
 async fn redis_clients(admin: &mut RawRedis) -> usize {
     let list = admin.call(&["CLIENT", "LIST"]).await;
     String::from_utf8_lossy(&list).lines().filter(|l| l.contains("id=")).count()
@@ -114,7 +97,7 @@ async fn churn(pg_port: u16, redis_port: u16, redis_sessions: usize, pg_abandone
 
 async fn settle(p: &Proxy, r: &Proxy) {
     for _ in 0..100 {
-        if active(p) == 0 && active(r) == 0 {
+        if p.active() == 0 && r.active() == 0 {
             break;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -135,14 +118,14 @@ async fn churn_returns_descriptors_sessions_and_upstreams_to_baseline() {
     // warm up (lazy statics, thread pools, the command table), then take the baseline
     churn(p.port(), r.redis_port(), 200, 300, 5).await;
     settle(&p, &r).await;
-    let (fds0, rss0) = (open_fds(), rss_kib());
+    let (fds0, rss0) = (open_fds(), rss_kib(std::process::id()));
     let (redis0, pg0) = (redis_clients(&mut admin).await, pg_backends().await);
     // 100,000 connections on each protocol
     churn(p.port(), r.redis_port(), 100_000, 99_000, 1_000).await;
     settle(&p, &r).await;
-    let (fds1, rss1) = (open_fds(), rss_kib());
+    let (fds1, rss1) = (open_fds(), rss_kib(std::process::id()));
     eprintln!("churn: fds {fds0} -> {fds1}, RSS {rss0} KiB -> {rss1} KiB");
-    assert_eq!((active(&p), active(&r)), (0, 0), "no session left");
+    assert_eq!((p.active(), r.active()), (0, 0), "no session left");
     assert!(fds1 <= fds0 + 5, "file descriptors back at baseline: {fds0} -> {fds1}");
     assert_eq!(redis_clients(&mut admin).await, redis0, "no upstream Redis connection left");
     assert_eq!(pg_backends().await, pg0, "no upstream PostgreSQL session left");

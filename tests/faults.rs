@@ -311,14 +311,6 @@ async fn until(what: &str, mut f: impl FnMut() -> bool) {
     }
 }
 
-fn active(p: &Proxy) -> i64 {
-    p.metrics()
-        .lines()
-        .filter(|l| l.starts_with("portcullis_connections_active"))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<i64>().ok())
-        .sum()
-}
-
 /// psql killed (SIGKILL: the client vanishes, no Terminate, no CopyFail) in the middle of a
 /// COPY FROM STDIN and in the middle of a COPY TO STDOUT it is not reading: each time the
 /// proxy closes the upstream session too (the backend is gone from pg_stat_activity), the
@@ -366,7 +358,7 @@ async fn client_vanishing_mid_copy_closes_the_upstream_session() {
 
     drop(setup);
     let t = Instant::now();
-    while active(&p) != 0 {
+    while p.active() != 0 {
         assert!(t.elapsed() < Duration::from_secs(10), "no session left in the proxy");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
@@ -408,7 +400,7 @@ async fn client_vanishing_mid_pipeline_closes_the_upstream_connection() {
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(admin.call(&["GET", "vanish:n"]).await, executed, "and nothing more after the close");
     let t = Instant::now();
-    while active(&p) != 0 {
+    while p.active() != 0 {
         assert!(t.elapsed() < Duration::from_secs(10), "no session left in the proxy");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }

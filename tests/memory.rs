@@ -21,25 +21,13 @@ const EACH: usize = 5_000;
 /// What an idle authenticated TLS session costs (README, Performance: 25–32 KiB measured).
 const PER_CONNECTION: u64 = 32 * 1024;
 
-fn rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find(|l| l.starts_with("VmRSS:"))
-        .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
-        .unwrap_or(0)
-}
-
 fn active(admin: u16) -> i64 {
     use std::io::{Read, Write};
     let mut s = std::net::TcpStream::connect(("127.0.0.1", admin)).unwrap();
     write!(s, "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").unwrap();
     let mut out = String::new();
     s.read_to_string(&mut out).unwrap();
-    out.lines()
-        .filter(|l| l.starts_with("portcullis_connections_active"))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<i64>().ok())
-        .sum()
+    active_in(&out)
 }
 
 /// The largest request an unauthenticated Redis client may leave half-sent: five arguments of

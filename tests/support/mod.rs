@@ -55,6 +55,29 @@ impl Proxy {
     pub fn metrics(&self) -> String {
         self.running.shared().metrics.render()
     }
+    /// Open client connections, all listeners (`portcullis_connections_active`).
+    pub fn active(&self) -> i64 {
+        active_in(&self.metrics())
+    }
+}
+
+/// The sum of `portcullis_connections_active` in a metrics text.
+pub fn active_in(metrics: &str) -> i64 {
+    metrics
+        .lines()
+        .filter(|l| l.starts_with("portcullis_connections_active"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<i64>().ok())
+        .sum()
+}
+
+/// Resident memory of process `pid` in KiB (`VmRSS`).
+pub fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        .unwrap_or(0)
 }
 
 /// Writes a config (with `[tls]` pointing at the shared dev PKI, a users file with `app` and
