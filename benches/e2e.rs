@@ -91,9 +91,9 @@ fn installed(bin: &str) -> bool {
     Command::new("sh").args(["-c", &format!("command -v {bin}")]).output().is_ok_and(|o| o.status.success())
 }
 
-/// Portcullis and the ports of its Postgres listeners, one-to-one and `pool = "session"` (the
-/// Front's port is the Redis one).
-fn portcullis(dir: &Path, pg_port: u16, redis_port: u16) -> (Front, u16, u16) {
+/// Portcullis and the ports of its Postgres listeners, one-to-one and `pool = "session"`, and
+/// of its `pool = "multiplex"` Redis listener (the Front's port is the one-to-one Redis one).
+fn portcullis(dir: &Path, pg_port: u16, redis_port: u16) -> (Front, u16, u16, u16) {
     let c = certs();
     let pg = pg();
     let r = redis();
@@ -107,6 +107,7 @@ fn portcullis(dir: &Path, pg_port: u16, redis_port: u16) -> (Front, u16, u16) {
     std::fs::write(dir.join("users.toml"), users).unwrap();
     let (pp, rp) = (portcullis::demo::free_port().unwrap(), portcullis::demo::free_port().unwrap());
     let pool_port = portcullis::demo::free_port().unwrap();
+    let mux_port = portcullis::demo::free_port().unwrap();
     let config = format!(
         r#"[admin]
 listen = "127.0.0.1:0"
@@ -140,6 +141,14 @@ upstream = "127.0.0.1:{redis_port}"
 users_file = "{d}/users.toml"
 upstream_user = "portcullis"
 upstream_password_file = "{d}/redis.pass"
+[[redis]]
+name = "cachemux"
+listen = "127.0.0.1:{mux_port}"
+upstream = "127.0.0.1:{redis_port}"
+users_file = "{d}/users.toml"
+upstream_user = "portcullis"
+upstream_password_file = "{d}/redis.pass"
+pool = "multiplex"
 "#,
         c = c.display(),
         d = dir.display()
@@ -149,8 +158,8 @@ upstream_password_file = "{d}/redis.pass"
     let mut cmd = Command::new(bin);
     cmd.args(["run", "--config"]).arg(dir.join("portcullis.toml")).env("PORTCULLIS_LOG", "warn");
     let f = spawn("portcullis", cmd, rp, dir).expect("portcullis starts");
-    assert!(wait_port(pp) && wait_port(pool_port));
-    (f, pp, pool_port)
+    assert!(wait_port(pp) && wait_port(pool_port) && wait_port(mux_port));
+    (f, pp, pool_port, mux_port)
 }
 
 fn combined_pem(dir: &Path) -> PathBuf {
@@ -413,7 +422,7 @@ fn main() {
     let idle_n: usize = env_or("E2E_IDLE_CONNECTIONS", &idle_default).parse().unwrap_or(1000);
     let dir = tempfile::tempdir().unwrap();
     let (pg, r) = (pg(), redis());
-    let (proxy, proxy_pg, proxy_pool) = portcullis(dir.path(), pg.port, r.port);
+    let (proxy, proxy_pg, proxy_pool, proxy_mux) = portcullis(dir.path(), pg.port, r.port);
     let fronts: Vec<Front> = [stunnel(dir.path(), r.port), haproxy(dir.path(), r.port)].into_iter().flatten().collect();
     let bouncer = pgbouncer(dir.path(), pg.port);
 
@@ -442,6 +451,15 @@ fn main() {
     redis_targets.push(RedisTarget {
         name: "portcullis",
         port: proxy.port,
+        tls: true,
+        user: "app".into(),
+        pw: REDIS_APP_PW.into(),
+        pid: Some(proxy.child.id()),
+    });
+    // the "pool" column: Postgres session pooling, Redis multiplexing
+    redis_targets.push(RedisTarget {
+        name: "portcullis-pool",
+        port: proxy_mux,
         tls: true,
         user: "app".into(),
         pw: REDIS_APP_PW.into(),
@@ -503,7 +521,7 @@ fn main() {
         }
     }
     let mut cols: Vec<&str> = redis_targets.iter().map(|t| t.name).collect();
-    for c in ["portcullis-pool", "direct-tls", "pgbouncer"] {
+    for c in ["direct-tls", "pgbouncer"] {
         cols.push(c);
     }
     let mut json = serde_json::Map::new();
@@ -551,7 +569,7 @@ fn main() {
         // A fresh process: the benchmarks' freed buffers would absorb the growth.
         let idle_dir = dir.path().join("idle");
         std::fs::create_dir_all(&idle_dir).unwrap();
-        let (fresh, fresh_pg, _) = portcullis(&idle_dir, pg.port, r.port);
+        let (fresh, fresh_pg, _, _) = portcullis(&idle_dir, pg.port, r.port);
         let (redis_kib, pg_kib) = idle_rss(&rt, fresh.child.id(), fresh.port, fresh_pg, idle_n, 150);
         println!(
             "\nPortcullis RSS per idle authenticated TLS connection: Redis {redis_kib:.1} KiB ({idle_n} connections), Postgres {pg_kib:.1} KiB (150: PostgreSQL's max_connections)"

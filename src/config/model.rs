@@ -72,6 +72,8 @@ struct RawRedis {
     redact_keys: bool,
     #[serde(default)]
     ttl: Vec<RawTtl>,
+    #[serde(default)]
+    pool: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -134,6 +136,11 @@ pub struct RedisListener {
     pub redact_keys: bool,
     /// TTL rules, first match wins (default none).
     pub ttl: Vec<TtlRule>,
+    /// `pool = "multiplex"`: the requests of clients with the same upstream credentials share
+    /// upstream connections (pipelined together) until a client sends a command that needs a
+    /// connection of its own (MULTI, blocking, pub/sub, SELECT, CLIENT, HELLO, ...); from then
+    /// on it has one. Default `none`: one upstream connection per client.
+    pub multiplex: bool,
 }
 
 #[derive(Debug, Deserialize)]
@@ -714,6 +721,11 @@ impl RawConfig {
             if let Some(m) = r.max_multibulk_len {
                 limits.max_multibulk_len = m;
             }
+            let multiplex = match r.pool.as_ref().map(|s| (s.get_ref().as_str(), s.span())) {
+                None | Some(("none", _)) => false,
+                Some(("multiplex", _)) => true,
+                Some((v, span)) => return Err(err(span, format!("pool {v:?}: expected none or multiplex"))),
+            };
             redis.push(RedisListener {
                 name: r.name.into_inner(),
                 listen,
@@ -730,6 +742,7 @@ impl RawConfig {
                 limits,
                 redact_keys: r.redact_keys,
                 ttl,
+                multiplex,
             });
         }
         if postgres.is_empty() && redis.is_empty() {

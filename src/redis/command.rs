@@ -45,6 +45,9 @@ pub struct CommandInfo {
     pub flags: Vec<String>,
     /// ACL categories without `@`.
     pub categories: Vec<String>,
+    /// Needs a connection of its own (`pool = "multiplex"`): it blocks, changes or reads the
+    /// connection's state, or is an administrative command.
+    pub own_connection: bool,
     key_specs: Vec<KeySpec>,
     first_key: i64,
     last_key: i64,
@@ -109,6 +112,7 @@ impl CommandInfo {
             arity: self.arity,
             flags: self.flags.clone(),
             categories: Vec::new(),
+            own_connection: self.own_connection,
             key_specs: Vec::new(),
             first_key: self.first_key,
             last_key: self.last_key,
@@ -339,7 +343,9 @@ fn parse_command(f: &OwnedFrame) -> Option<CommandInfo> {
         categories: arr(&a[6]).iter().filter_map(text).map(|c| c.trim_start_matches('@').to_string()).collect(),
         key_specs: specs,
         subcommands: HashMap::new(),
+        own_connection: false,
     };
+    info.own_connection = needs_own_connection(&info);
     if movable_unknown {
         info.key_specs.clear();
         info.flags.push("movablekeys".into());
@@ -353,6 +359,22 @@ fn parse_command(f: &OwnedFrame) -> Option<CommandInfo> {
         }
     }
     Some(info)
+}
+
+/// Whether a command must run on a connection of its own rather than one shared by several
+/// clients: blocking commands (they would hold up everyone), transactions and WATCH, pub/sub
+/// subscriptions, connection state (SELECT, CLIENT, HELLO, AUTH, RESET, READONLY, ...) and
+/// administrative commands. Stateless exceptions in those categories are shared.
+fn needs_own_connection(info: &CommandInfo) -> bool {
+    if matches!(info.parent(), "ping" | "echo" | "publish" | "spublish" | "pubsub" | "command") {
+        return false;
+    }
+    info.has_flag("blocking")
+        || info
+            .categories
+            .iter()
+            .any(|c| matches!(c.as_str(), "connection" | "transaction" | "pubsub" | "blocking" | "admin"))
+        || matches!(info.parent(), "select" | "wait" | "waitaof" | "client" | "reset" | "hello" | "auth" | "quit")
 }
 
 impl CommandTable {
@@ -439,6 +461,57 @@ mod tests {
 
     fn args(s: &str) -> Vec<Bytes> {
         s.split(' ').map(|a| Bytes::copy_from_slice(a.as_bytes())).collect()
+    }
+
+    #[test]
+    fn stateful_blocking_and_admin_commands_need_their_own_connection() {
+        let t = CommandTable::builtin();
+        let own = |s: &str| t.lookup(&args(s)).map(|i| i.own_connection);
+        for shared in [
+            "GET k",
+            "SET k v",
+            "INCR k",
+            "MGET a b",
+            "EVAL s 0",
+            "PUBLISH c m",
+            "PING",
+            "ECHO x",
+            "SCAN 0",
+            "DEL k",
+            "OBJECT ENCODING k",
+            "PUBSUB CHANNELS",
+            "COMMAND DOCS",
+            "XADD s * f v",
+            "FLUSHALL",
+        ] {
+            assert_eq!(own(shared), Some(false), "{shared}");
+        }
+        for own_conn in [
+            "MULTI",
+            "EXEC",
+            "WATCH k",
+            "UNWATCH",
+            "DISCARD",
+            "SELECT 1",
+            "BLPOP k 0",
+            "BRPOPLPUSH a b 0",
+            "XREAD STREAMS s 0",
+            "SUBSCRIBE c",
+            "PSUBSCRIBE p",
+            "SSUBSCRIBE c",
+            "CLIENT SETNAME n",
+            "CLIENT REPLY OFF",
+            "HELLO 3",
+            "AUTH p",
+            "RESET",
+            "READONLY",
+            "WAIT 1 0",
+            "CONFIG GET x",
+            "DEBUG SLEEP 1",
+            "MONITOR",
+        ] {
+            assert_eq!(own(own_conn), Some(true), "{own_conn}");
+        }
     }
 
     fn keys(t: &CommandTable, s: &str) -> Option<Vec<String>> {

@@ -183,6 +183,40 @@ impl Session {
         }
     }
 
+    /// True while this client's requests go to a shared upstream connection.
+    pub(super) fn sharing(&self) -> bool {
+        self.cfg.multiplex && !self.pinned
+    }
+
+    /// Links to the shared upstream connection for `creds`, opening one if there is none. False
+    /// when it cannot be reached, or when the link in use has died with replies still owed (the
+    /// session learns of that from the link).
+    pub(super) async fn ensure_mux(&mut self, creds: &(Option<String>, Option<SecretRef>)) -> bool {
+        if let Some(m) = &self.mux {
+            if m.outstanding > 0 {
+                return m.alive() && self.upstream_creds.as_ref() == Some(creds);
+            }
+            if m.alive() && self.upstream_creds.as_ref() == Some(creds) {
+                return true;
+            }
+        }
+        self.mux = None;
+        let upstream = self.cfg.upstream.clone();
+        let link = match self.l.mux.link(&upstream, creds) {
+            Some(l) => l,
+            None => match self.connect_upstream(creds).await {
+                Ok(io) => {
+                    let limit = self.shared.config().limits.max_buffered_bytes;
+                    self.l.mux.start(&upstream, creds.clone(), io, self.shared.request_memory.clone(), limit)
+                }
+                Err(_) => return false,
+            },
+        };
+        self.mux = Some(link);
+        self.upstream_creds = Some(creds.clone());
+        true
+    }
+
     /// Switches to `id`. A new upstream connection logs in directly; an open one is
     /// re-authenticated in the stream, and if the upstream refuses, the session falls back to
     /// unauthenticated (fail closed). `reply_to_client`: the AUTH's own +OK goes to the client.
@@ -195,12 +229,20 @@ impl Session {
     ) -> bool {
         let creds = id.upstream_creds();
         if up.is_none() {
-            match self.connect_upstream(&creds).await {
-                Ok(io) => *up = Some(io),
-                Err(_) => {
-                    self.local(Bytes::from_static(UPSTREAM_DOWN));
-                    return false;
+            let reachable = if self.sharing() {
+                self.ensure_mux(&creds).await
+            } else {
+                match self.connect_upstream(&creds).await {
+                    Ok(io) => {
+                        *up = Some(io);
+                        true
+                    }
+                    Err(_) => false,
                 }
+            };
+            if !reachable {
+                self.local(Bytes::from_static(UPSTREAM_DOWN));
+                return false;
             }
             if reply_to_client {
                 self.local(Bytes::from_static(OK));

@@ -5,6 +5,7 @@
 pub mod codec;
 pub mod command;
 mod login;
+mod mux;
 mod replies;
 mod route;
 mod scan;
@@ -32,6 +33,8 @@ pub struct RedisListener {
     pub argon: Argon2Pool,
     /// Keys the audit trail's key hashes (per process).
     pub key_hash_secret: [u8; 32],
+    /// Shared upstream connections (`pool = "multiplex"`).
+    pub mux: mux::MuxPool,
 }
 
 /// Listener construction errors.
@@ -78,6 +81,7 @@ impl RedisListener {
             commands: RwLock::new(Arc::new(CommandTable::builtin())),
             argon: Argon2Pool::new(parallel),
             key_hash_secret,
+            mux: mux::MuxPool::default(),
         })
     }
 

@@ -93,6 +93,8 @@ pub(super) struct Replies {
     scanner: super::scan::Scanner,
     /// Keep-masks of pending `ExecStrip` EXECs, in order.
     exec_masks: VecDeque<Vec<bool>>,
+    /// Upstream replies expected so far (the frame count of what goes to a shared connection).
+    pub(super) frames_expected: u64,
 }
 
 /// EXEC's array without the elements `mask` says to drop; None when the reply is not an array
@@ -170,8 +172,10 @@ impl Replies {
 
     /// Adds a request's slot.
     pub(super) fn push(&mut self, slot: Slot) {
-        if let Slot::Forward { n: 0, .. } = slot {
-            return;
+        match slot {
+            Slot::Forward { n: 0, .. } => return,
+            Slot::Forward { n, .. } => self.frames_expected += u64::from(n),
+            _ => {}
         }
         self.queue.push_back(slot);
     }

@@ -134,7 +134,11 @@ impl Session {
         }
         match info.name.as_str() {
             "auth" => self.handle_auth(args, up, pieces).await,
-            "hello" => self.handle_hello(args, up, pieces).await,
+            "hello" => {
+                // HELLO sets the protocol of the connection: its own, never a shared one.
+                self.pinned |= self.cfg.multiplex;
+                self.handle_hello(args, up, pieces).await
+            }
             "reset" => self.local(Bytes::from_static(b"+RESET\r\n")),
             _ => self.local(Bytes::from_static(NOAUTH)),
         }
@@ -164,6 +168,17 @@ impl Session {
             self.local_error(error_line(&format!("-ERR wrong number of arguments for '{}' command", info.name)));
             return false;
         }
+        if self.sharing() && info.own_connection {
+            // This client moves to a connection of its own: at once when the shared one owes
+            // it nothing, else once every shared reply is in (this request and the rest wait,
+            // unparsed; what this batch has for the shared connection goes first).
+            if !pieces.is_empty() || self.mux.as_ref().is_some_and(|m| m.outstanding > 0) {
+                self.pin_wanted = true;
+                return false;
+            }
+            self.pinned = true;
+            self.mux = None;
+        }
         // Commands that may run unauthenticated are not subject to ACL rules (as in Redis).
         match info.name.as_str() {
             "auth" | "hello" if self.in_multi || self.replies.subscribed() => {
@@ -188,7 +203,13 @@ impl Session {
             }
             _ => {}
         }
-        if !self.ensure_upstream(up).await {
+        let reachable = if self.sharing() {
+            let creds = self.identity.as_ref().map(|i| i.upstream_creds()).unwrap_or_default();
+            self.ensure_mux(&creds).await
+        } else {
+            self.ensure_upstream(up).await
+        };
+        if !reachable {
             self.local_error(Bytes::from_static(UPSTREAM_DOWN));
             return false;
         }
@@ -438,10 +459,12 @@ impl Session {
         }
         let mut pieces: Vec<Piece> = Vec::new();
         let mut allowed = 0u64;
+        let mut stop: Option<usize> = None;
         for req in &reqs {
             if self.quitting {
                 break;
             }
+            let mode_before = self.reply_mode;
             let args = codec::resolve(&bytes, req);
             // CLIENT REPLY: whether this request's replies are seen is settled before it runs.
             self.hide_current = match self.reply_mode {
@@ -463,6 +486,12 @@ impl Session {
                 self.route_authenticated(&args, up, &mut pieces).await
             };
             self.hide_current = false;
+            if self.pin_wanted {
+                // This request and the rest wait for the move to a connection of its own.
+                self.reply_mode = mode_before;
+                stop = Some(req.raw.start);
+                break;
+            }
             if !forward {
                 continue;
             }
@@ -482,6 +511,22 @@ impl Session {
             pieces.extend(self.inject_after.drain(..).map(Piece::Owned));
         }
         self.shared.metrics.redis_allowed(&self.cfg.name, allowed);
+        if let Some(at) = stop {
+            // Unhandled requests go back in front of what is still arriving (no request was
+            // partly parsed: a partial parse only survives a read with no complete request).
+            let rest = &bytes[at..];
+            let mut back = BytesMut::with_capacity(rest.len() + cbuf.len());
+            back.extend_from_slice(rest);
+            back.extend_from_slice(cbuf);
+            *cbuf = back;
+            debug_assert!(self.partial.is_none() || at == bytes.len());
+            // A protocol error after them is reported after them.
+            if perr.is_some() {
+                self.deferred_error = perr.take();
+            }
+        } else if perr.is_none() {
+            perr = self.deferred_error.take();
+        }
         if let Some(e) = perr {
             tracing::debug!(error = %e, "protocol error from client");
             self.replies.push(Slot::Local(Bytes::from(e.reply())));

@@ -16,6 +16,7 @@ use tokio_rustls::TlsAcceptor;
 
 use super::RedisListener;
 use super::command::CommandTable;
+use super::mux::Delivery;
 use super::replies::{Out, Replies};
 use super::route::QUERY_BUFFER_LIMIT;
 use crate::app::Shared;
@@ -146,6 +147,15 @@ pub(super) struct Session {
     pub(super) held: crate::net::memory::Held,
     /// The same for a reply still arriving (replies go to the client whole frames at a time).
     reply_held: crate::net::memory::Held,
+    /// The shared upstream connection this client's requests go to (`pool = "multiplex"`).
+    pub(super) mux: Option<super::mux::Link>,
+    /// This client has (or is to get) an upstream connection of its own from now on.
+    pub(super) pinned: bool,
+    /// A request needs a connection of its own: it waits in the buffer until the shared
+    /// connection has delivered everything it owes.
+    pub(super) pin_wanted: bool,
+    /// A protocol error found after requests that wait for `pin_wanted`, reported after them.
+    pub(super) deferred_error: Option<super::codec::ProtocolError>,
     up_bytes: u64,
     down_bytes: u64,
     /// The listener's `bytes_total` counters, kept current as bytes flow.
@@ -199,6 +209,10 @@ pub async fn handle(acc: Accepted, l: Arc<RedisListener>, shared: Arc<Shared>) {
         auth_deadline: Some(deadline),
         held: crate::net::memory::Held::new(shared.request_memory.clone()),
         reply_held: crate::net::memory::Held::new(shared.request_memory.clone()),
+        mux: None,
+        pinned: false,
+        pin_wanted: false,
+        deferred_error: None,
         up_bytes: 0,
         down_bytes: 0,
         bytes_metrics: shared.metrics.bytes(&cfg_name),
@@ -245,35 +259,46 @@ async fn read_opt<S: AsyncRead + Unpin>(
     }
 }
 
+/// Waits for what the shared connection delivers (never, without one).
+async fn recv_link(link: &mut Option<super::mux::Link>) -> Delivery {
+    match link {
+        Some(l) => l.rx.recv().await.unwrap_or(Delivery::Failed),
+        None => std::future::pending().await,
+    }
+}
+
+/// A batch's pieces as one buffer (the original bytes themselves when they are one run);
+/// with the client bytes it carries.
+fn assemble(bytes: &Bytes, pieces: &[Piece]) -> (Bytes, u64) {
+    if let [Piece::Raw(r)] = pieces {
+        return (bytes.slice(r.clone()), r.len() as u64);
+    }
+    let mut n = 0;
+    let mut out = Vec::with_capacity(
+        pieces
+            .iter()
+            .map(|p| match p {
+                Piece::Raw(r) => r.len(),
+                Piece::Owned(v) => v.len(),
+            })
+            .sum(),
+    );
+    for p in pieces {
+        match p {
+            Piece::Raw(r) => {
+                out.extend_from_slice(&bytes[r.clone()]);
+                n += r.len() as u64;
+            }
+            Piece::Owned(v) => out.extend_from_slice(v),
+        }
+    }
+    (Bytes::from(out), n)
+}
+
 /// Sends a batch's pieces upstream with one flush; returns the client bytes forwarded.
 async fn send_upstream(up: &mut Stream, bytes: &Bytes, pieces: &[Piece]) -> std::io::Result<u64> {
-    let mut n = 0;
-    if let [Piece::Raw(r)] = pieces {
-        // The common case: one run of original bytes, written as they are.
-        up.write_all(&bytes[r.clone()]).await?;
-        n = r.len() as u64;
-    } else {
-        // Several pieces (rewrites, the proxy's own commands): one buffer, one write.
-        let mut out = Vec::with_capacity(
-            pieces
-                .iter()
-                .map(|p| match p {
-                    Piece::Raw(r) => r.len(),
-                    Piece::Owned(v) => v.len(),
-                })
-                .sum(),
-        );
-        for p in pieces {
-            match p {
-                Piece::Raw(r) => {
-                    out.extend_from_slice(&bytes[r.clone()]);
-                    n += r.len() as u64;
-                }
-                Piece::Owned(v) => out.extend_from_slice(v),
-            }
-        }
-        up.write_all(&out).await?;
-    }
+    let (out, n) = assemble(bytes, pieces);
+    up.write_all(&out).await?;
     up.flush().await?;
     Ok(n)
 }
@@ -395,7 +420,18 @@ impl Session {
                 }
                 return if draining { ConnOutcome::Drained } else { ConnOutcome::Closed };
             }
-            let take_requests = !draining || self.in_multi;
+            if self.pin_wanted && self.mux.as_ref().is_none_or(|m| m.outstanding == 0) {
+                // Every shared reply is out: this client continues on a connection of its own,
+                // from the request that asked for one.
+                self.pin_wanted = false;
+                self.pinned = true;
+                self.mux = None;
+                if let Err(outcome) = self.handle_requests(&mut client, &mut cbuf, &mut up).await {
+                    return outcome;
+                }
+                continue;
+            }
+            let take_requests = (!draining || self.in_multi) && !self.pin_wanted;
             let c_spare = make_room(&mut cbuf, c_want);
             tokio::select! {
                 r = async { client.read_buf(&mut (&mut cbuf).limit(c_spare)).await }, if take_requests => {
@@ -415,40 +451,8 @@ impl Session {
                         tracing::warn!("client query buffer over 1 GiB: closing");
                         return ConnOutcome::ProtocolError;
                     }
-                    loop {
-                        let batch = if let Some(d) = self.auth_deadline.filter(|_| self.identity.is_none()) {
-                            match tokio::time::timeout_at(d.into(), self.on_client(&mut cbuf, &mut up)).await {
-                                Ok(b) => b,
-                                Err(_) => {
-                                    self.audit(Event::ConnRejected, "refused", Some("login_timeout"));
-                                    return ConnOutcome::Timeout;
-                                }
-                            }
-                        } else {
-                            self.on_client(&mut cbuf, &mut up).await
-                        };
-                        if self.identity.is_some() {
-                            self.auth_deadline = None;
-                        }
-                        if let Some(u) = up.as_mut()
-                            && !batch.pieces.is_empty()
-                        {
-                            match send_upstream(u, &batch.bytes, &batch.pieces).await {
-                                Ok(n) => {
-                                    self.up_bytes += n;
-                                    self.bytes_metrics.0.inc_by(n);
-                                }
-                                Err(_) => return ConnOutcome::UpstreamFailed,
-                            }
-                        }
-                        let mut out = Vec::new();
-                        self.replies.drain_locals(&mut out);
-                        if self.write_out(&mut client, &Bytes::new(), out).await.is_err() {
-                            return ConnOutcome::Closed;
-                        }
-                        if !batch.reparse {
-                            break;
-                        }
+                    if let Err(outcome) = self.handle_requests(&mut client, &mut cbuf, &mut up).await {
+                        return outcome;
                     }
                     if large && cbuf.len() <= READ_BUF {
                         // the large request is through: what is left moves to a small buffer
@@ -458,60 +462,34 @@ impl Session {
                 }
                 r = read_opt(&mut up, &mut ubuf, &mut u_want) => {
                     match r {
-                        Ok(0) | Err(_) => {
-                            // The upstream went away: what it sent is out. A request still
-                            // waiting gets Redis-style word of it (an idle client, or one whose
-                            // pending replies are all hidden, gets none: an unasked reply would
-                            // be taken for its next command's); end.
-                            if self.replies.owes_visible() && ubuf.is_empty() {
-                                let _ = client.write_all(super::login::UPSTREAM_DOWN).await;
-                            }
-                            tracing::warn!("upstream closed the session");
-                            let _ = client.shutdown().await;
-                            return ConnOutcome::UpstreamFailed;
-                        }
+                        Ok(0) | Err(_) => return self.upstream_gone(&mut client, &ubuf).await,
                         Ok(_) => {}
                     }
-                    let mut out = Vec::new();
-                    let used = match self.replies.on_upstream(&ubuf, &mut out) {
-                        Ok(n) => n,
-                        Err(e) => {
-                            tracing::warn!(error = %e, "unparseable upstream reply");
-                            return ConnOutcome::UpstreamFailed;
-                        }
-                    };
-                    let large = ubuf.capacity() > LARGE_BUF;
-                    let chunk = ubuf.split_to(used).freeze();
-                    if self.write_out(&mut client, &chunk, out).await.is_err() {
-                        return ConnOutcome::Closed;
-                    }
-                    drop(chunk);
-                    // A reply still arriving beyond the free share is held against the same
-                    // budget as requests; one that cannot be is answered with an error in its
-                    // place (nothing of it has gone out) and the session ends.
-                    if ubuf.len() > FREE_PER_CONNECTION || self.reply_held.bytes() > 0 {
-                        let limit = self.shared.config().limits.max_buffered_bytes;
-                        if !self.reply_held.hold(ubuf.len(), limit) {
-                            tracing::warn!(pending = ubuf.len(), "buffer memory budget exhausted: dropping a reply");
-                            if self.replies.owes_visible() {
-                                let _ = client.write_all(REPLY_TOO_LARGE).await;
-                            }
-                            let _ = client.shutdown().await;
-                            return ConnOutcome::ProtocolError;
-                        }
-                    }
-                    if large && ubuf.len() <= READ_BUF {
-                        ubuf = BytesMut::from(&ubuf[..]);
-                    }
-                    if self.replies.auth_rejected {
-                        // The upstream refused the runtime credentials of a re-AUTH: the upstream
-                        // session's state can no longer be vouched for. End it (fail closed).
-                        tracing::warn!("upstream refused re-authentication; closing the session");
-                        self.audit(Event::ConnRejected, "error", Some("upstream_reauth_refused"));
-                        let _ = client.shutdown().await;
-                        return ConnOutcome::UpstreamFailed;
+                    if let Err(outcome) = self.on_upstream_bytes(&mut client, &mut ubuf).await {
+                        return outcome;
                     }
                 }
+                d = recv_link(&mut self.mux) => match d {
+                    Delivery::Replies { bytes, frames, _charge } => {
+                        if let Some(m) = self.mux.as_mut() {
+                            m.outstanding = m.outstanding.saturating_sub(u64::from(frames));
+                        }
+                        ubuf.extend_from_slice(&bytes);
+                        drop(_charge);
+                        if let Err(outcome) = self.on_upstream_bytes(&mut client, &mut ubuf).await {
+                            return outcome;
+                        }
+                    }
+                    Delivery::Failed => return self.upstream_gone(&mut client, &ubuf).await,
+                    Delivery::TooLarge => {
+                        tracing::warn!("buffer memory budget exhausted: dropping a reply");
+                        if self.replies.owes_visible() {
+                            let _ = client.write_all(REPLY_TOO_LARGE).await;
+                        }
+                        let _ = client.shutdown().await;
+                        return ConnOutcome::ProtocolError;
+                    }
+                },
                 _ = sleep_until_opt(self.auth_deadline.filter(|_| self.identity.is_none())) => {
                     self.audit(Event::ConnRejected, "refused", Some("login_timeout"));
                     return ConnOutcome::Timeout;
@@ -520,6 +498,117 @@ impl Session {
                 _ = sleep_until_opt(drain_cut) => return ConnOutcome::Drained,
             }
         }
+    }
+
+    /// Handles the complete requests in `cbuf`: each batch's allowed requests go upstream (to
+    /// the client's own connection or the shared one) in one write, the proxy's own replies go
+    /// to the client.
+    async fn handle_requests(
+        &mut self,
+        client: &mut Stream,
+        cbuf: &mut BytesMut,
+        up: &mut Option<Stream>,
+    ) -> Result<(), ConnOutcome> {
+        loop {
+            let frames_before = self.replies.frames_expected;
+            let batch = if let Some(d) = self.auth_deadline.filter(|_| self.identity.is_none()) {
+                match tokio::time::timeout_at(d.into(), self.on_client(cbuf, up)).await {
+                    Ok(b) => b,
+                    Err(_) => {
+                        self.audit(Event::ConnRejected, "refused", Some("login_timeout"));
+                        return Err(ConnOutcome::Timeout);
+                    }
+                }
+            } else {
+                self.on_client(cbuf, up).await
+            };
+            if self.identity.is_some() {
+                self.auth_deadline = None;
+            }
+            if !batch.pieces.is_empty() {
+                if let Some(u) = up.as_mut() {
+                    match send_upstream(u, &batch.bytes, &batch.pieces).await {
+                        Ok(n) => {
+                            self.up_bytes += n;
+                            self.bytes_metrics.0.inc_by(n);
+                        }
+                        Err(_) => return Err(ConnOutcome::UpstreamFailed),
+                    }
+                } else if let Some(m) = self.mux.as_mut() {
+                    let frames = (self.replies.frames_expected - frames_before) as u32;
+                    let (bytes, n) = assemble(&batch.bytes, &batch.pieces);
+                    if !m.send(bytes, frames) {
+                        return Err(self.upstream_gone(client, &[]).await);
+                    }
+                    self.up_bytes += n;
+                    self.bytes_metrics.0.inc_by(n);
+                }
+            }
+            let mut out = Vec::new();
+            self.replies.drain_locals(&mut out);
+            if self.write_out(client, &Bytes::new(), out).await.is_err() {
+                return Err(ConnOutcome::Closed);
+            }
+            if !batch.reparse {
+                return Ok(());
+            }
+        }
+    }
+
+    /// The upstream went away: what it sent is out. A request still waiting gets Redis-style
+    /// word of it (an idle client, or one whose pending replies are all hidden, gets none: an
+    /// unasked reply would be taken for its next command's); the session ends.
+    async fn upstream_gone(&mut self, client: &mut Stream, ubuf: &[u8]) -> ConnOutcome {
+        if self.replies.owes_visible() && ubuf.is_empty() {
+            let _ = client.write_all(super::login::UPSTREAM_DOWN).await;
+        }
+        tracing::warn!("upstream closed the session");
+        let _ = client.shutdown().await;
+        ConnOutcome::UpstreamFailed
+    }
+
+    /// Frames the replies now in `ubuf` and sends the client what it gets of them.
+    async fn on_upstream_bytes(&mut self, client: &mut Stream, ubuf: &mut BytesMut) -> Result<(), ConnOutcome> {
+        let mut out = Vec::new();
+        let used = match self.replies.on_upstream(ubuf, &mut out) {
+            Ok(n) => n,
+            Err(e) => {
+                tracing::warn!(error = %e, "unparseable upstream reply");
+                return Err(ConnOutcome::UpstreamFailed);
+            }
+        };
+        let large = ubuf.capacity() > LARGE_BUF;
+        let chunk = ubuf.split_to(used).freeze();
+        if self.write_out(client, &chunk, out).await.is_err() {
+            return Err(ConnOutcome::Closed);
+        }
+        drop(chunk);
+        // A reply still arriving beyond the free share is held against the same budget as
+        // requests; one that cannot be is answered with an error in its place (nothing of it
+        // has gone out) and the session ends.
+        if ubuf.len() > FREE_PER_CONNECTION || self.reply_held.bytes() > 0 {
+            let limit = self.shared.config().limits.max_buffered_bytes;
+            if !self.reply_held.hold(ubuf.len(), limit) {
+                tracing::warn!(pending = ubuf.len(), "buffer memory budget exhausted: dropping a reply");
+                if self.replies.owes_visible() {
+                    let _ = client.write_all(REPLY_TOO_LARGE).await;
+                }
+                let _ = client.shutdown().await;
+                return Err(ConnOutcome::ProtocolError);
+            }
+        }
+        if large && ubuf.len() <= READ_BUF {
+            *ubuf = BytesMut::from(&ubuf[..]);
+        }
+        if self.replies.auth_rejected {
+            // The upstream refused the runtime credentials of a re-AUTH: the upstream session's
+            // state can no longer be vouched for. End it (fail closed).
+            tracing::warn!("upstream refused re-authentication; closing the session");
+            self.audit(Event::ConnRejected, "error", Some("upstream_reauth_refused"));
+            let _ = client.shutdown().await;
+            return Err(ConnOutcome::UpstreamFailed);
+        }
+        Ok(())
     }
 
     async fn write_out(&mut self, client: &mut Stream, chunk: &Bytes, out: Vec<Out>) -> std::io::Result<()> {

@@ -370,6 +370,11 @@ cert_subjects = ["CN=app"]
             c = c.display()
         )
     };
+    // The whole Redis suite runs again with shared upstream connections (scripts/test).
+    let pool = match std::env::var("PORTCULLIS_TEST_REDIS_POOL") {
+        Ok(v) if !listener_extra.contains("pool =") => format!("pool = \"{v}\""),
+        _ => String::new(),
+    };
     let upstream = if listener_extra.contains("upstream =") {
         String::new()
     } else {
@@ -389,6 +394,7 @@ listen = "127.0.0.1:0"
 users_file = "{dir}/users.toml"
 upstream_user = "portcullis"
 upstream_password_file = "{dir}/redis.pass"
+{pool}
 {listener_extra}
 "#,
         dir = dir.path().display()

@@ -1,0 +1,335 @@
+//! `pool = "multiplex"`: upstream connections shared by the clients of a listener that log in
+//! upstream with the same credentials (as Envoy's and twemproxy's Redis proxies do). Each
+//! client's batch of requests is queued to the connection's task, which writes every batch
+//! queued since its last write in one syscall, reads the replies in large reads, and hands
+//! each client the bytes of its own replies, whole frames at a time, in order. Redis then
+//! reads and answers many clients' requests per system call instead of one client's.
+//!
+//! Only stateless commands are shared: a client that sends one that needs a connection of its
+//! own (`CommandInfo::own_connection`) first gets every shared reply it is owed, then gets a
+//! dedicated connection for the rest of its session (`session.rs`). Shared connections are
+//! RESP2 on database 0, and close when the last client using them goes.
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex};
+
+use bytes::{Bytes, BytesMut};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::mpsc;
+
+use super::scan::Scanner;
+use crate::config::SecretRef;
+use crate::net::memory::{Held, RequestMemory};
+use crate::net::stream::Stream;
+
+/// One client batch: its request bytes and how many top-level replies they produce.
+pub(super) struct Job {
+    pub(super) bytes: Bytes,
+    pub(super) frames: u32,
+    pub(super) reply: mpsc::UnboundedSender<Delivery>,
+}
+
+/// What a client gets from the shared connection.
+pub(super) enum Delivery {
+    /// Complete reply frames (`frames` of them), in order, and the budget charge they hold
+    /// until the client has taken them.
+    Replies { bytes: Bytes, frames: u32, _charge: Held },
+    /// The shared connection is gone: these replies will not come.
+    Failed,
+    /// The replies owed would take the proxy over its buffer budget: they will not come.
+    TooLarge,
+}
+
+/// A client's link to a shared connection.
+pub(super) struct Link {
+    jobs: mpsc::UnboundedSender<Job>,
+    reply_tx: mpsc::UnboundedSender<Delivery>,
+    /// Deliveries for this client.
+    pub(super) rx: mpsc::UnboundedReceiver<Delivery>,
+    /// Replies owed by the shared connection (sent minus delivered).
+    pub(super) outstanding: u64,
+}
+
+impl Link {
+    /// Queues a batch. False when the shared connection is gone (nothing was sent).
+    pub(super) fn send(&mut self, bytes: Bytes, frames: u32) -> bool {
+        let ok = self.jobs.send(Job { bytes, frames, reply: self.reply_tx.clone() }).is_ok();
+        if ok {
+            self.outstanding += u64::from(frames);
+        }
+        ok
+    }
+
+    /// True while the shared connection is up.
+    pub(super) fn alive(&self) -> bool {
+        !self.jobs.is_closed()
+    }
+}
+
+type Creds = (Option<String>, Option<SecretRef>);
+
+/// The listener's shared connections, by upstream address and credentials.
+#[derive(Debug, Default)]
+pub struct MuxPool {
+    conns: Mutex<Vec<(String, Creds, mpsc::WeakUnboundedSender<Job>)>>,
+}
+
+impl MuxPool {
+    /// A link to the live shared connection for `upstream` and `creds`, if there is one.
+    pub(super) fn link(&self, upstream: &str, creds: &Creds) -> Option<Link> {
+        let mut conns = self.conns.lock().unwrap_or_else(|p| p.into_inner());
+        conns.retain(|(_, _, w)| w.strong_count() > 0);
+        let jobs = conns.iter().find(|(u, c, _)| u == upstream && c == creds).and_then(|(_, _, w)| w.upgrade())?;
+        Some(new_link(jobs))
+    }
+
+    /// Starts a shared connection over `io` (logged in with `creds`) and links to it.
+    pub(super) fn start(
+        &self,
+        upstream: &str,
+        creds: Creds,
+        io: Stream,
+        memory: Arc<RequestMemory>,
+        limit: u64,
+    ) -> Link {
+        let (tx, rx) = mpsc::unbounded_channel();
+        tokio::spawn(run(io, rx, memory, limit));
+        let mut conns = self.conns.lock().unwrap_or_else(|p| p.into_inner());
+        conns.retain(|(_, _, w)| w.strong_count() > 0);
+        conns.push((upstream.to_string(), creds, tx.downgrade()));
+        new_link(tx)
+    }
+}
+
+fn new_link(jobs: mpsc::UnboundedSender<Job>) -> Link {
+    let (reply_tx, rx) = mpsc::unbounded_channel();
+    Link { jobs, reply_tx, rx, outstanding: 0 }
+}
+
+/// A job whose replies are being read.
+struct Waiting {
+    frames_left: u32,
+    /// Frames complete in the buffer, not yet delivered.
+    ready: u32,
+    reply: mpsc::UnboundedSender<Delivery>,
+}
+
+/// Scheduler rounds a write waits for more batches (while each round brings some).
+const YIELDS_MAX: usize = 4;
+/// Largest write assembled from queued batches.
+const WRITE_MAX: usize = 256 * 1024;
+const READ_MIN: usize = 16 * 1024;
+const READ_MAX: usize = 256 * 1024;
+
+/// The shared connection's task: ends when the upstream fails or no client links to it.
+async fn run(mut io: Stream, mut jobs: mpsc::UnboundedReceiver<Job>, memory: Arc<RequestMemory>, limit: u64) {
+    let mut waiting: VecDeque<Waiting> = VecDeque::new();
+    let mut buf = BytesMut::with_capacity(READ_MIN);
+    let mut scanner = Scanner::default();
+    let mut out: Vec<u8> = Vec::new();
+    let mut held = Held::new(memory.clone());
+    let mut want = READ_MIN;
+    let failed = loop {
+        tokio::select! {
+            j = jobs.recv() => {
+                let Some(first) = j else { break false };
+                // Let the other clients made ready by the same poll queue their batches first,
+                // as long as more keep coming: every batch queued by then goes in one write.
+                let mut batch = vec![first];
+                let mut size = batch[0].bytes.len();
+                for _ in 0..YIELDS_MAX {
+                    tokio::task::yield_now().await;
+                    let before = batch.len();
+                    while size < WRITE_MAX {
+                        match jobs.try_recv() {
+                            Ok(j) => {
+                                size += j.bytes.len();
+                                batch.push(j);
+                            }
+                            Err(_) => break,
+                        }
+                    }
+                    if batch.len() == before || size >= WRITE_MAX {
+                        break;
+                    }
+                }
+                let res = if batch.len() == 1 {
+                    io.write_all(&batch[0].bytes).await
+                } else {
+                    out.clear();
+                    for j in &batch {
+                        out.extend_from_slice(&j.bytes);
+                    }
+                    io.write_all(&out).await
+                };
+                if out.capacity() > WRITE_MAX * 2 {
+                    out = Vec::new();
+                }
+                for j in batch {
+                    if j.frames > 0 {
+                        waiting.push_back(Waiting { frames_left: j.frames, ready: 0, reply: j.reply });
+                    }
+                }
+                if res.is_err() || io.flush().await.is_err() {
+                    break true;
+                }
+            }
+            r = async {
+                if buf.capacity() - buf.len() < want / 4 {
+                    buf.reserve(want);
+                }
+                io.read_buf(&mut buf).await
+            } => {
+                let n = match r {
+                    Ok(0) | Err(_) => break true,
+                    Ok(n) => n,
+                };
+                if n >= want / 2 {
+                    want = (want * 2).min(READ_MAX);
+                }
+                if !deliver(&mut buf, &mut scanner, &mut waiting, &memory, limit) {
+                    tracing::warn!("unparseable reply on a shared upstream connection");
+                    break true;
+                }
+                // A reply still arriving is held against the buffer budget. Past it, its client
+                // gets an error instead, and since the rest of the stream cannot be read without
+                // holding that reply, the shared connection ends (its other clients are told).
+                if !held.hold(buf.len(), limit) {
+                    tracing::warn!(pending = buf.len(), "buffer memory budget exhausted: dropping a shared connection");
+                    if let Some(w) = waiting.pop_front() {
+                        let _ = w.reply.send(Delivery::TooLarge);
+                    }
+                    break true;
+                }
+                if buf.capacity() > READ_MAX * 4 && buf.len() <= READ_MAX {
+                    buf = BytesMut::from(&buf[..]);
+                }
+            }
+        }
+    };
+    drop(held);
+    if failed {
+        tracing::warn!("shared upstream connection lost");
+    }
+    // Everyone still owed a reply, queued or in the channel, learns it will not come.
+    jobs.close();
+    for w in waiting {
+        let _ = w.reply.send(Delivery::Failed);
+    }
+    while let Ok(j) = jobs.try_recv() {
+        if j.frames > 0 {
+            let _ = j.reply.send(Delivery::Failed);
+        }
+    }
+    let _ = io.shutdown().await;
+}
+
+/// Hands every complete reply in `buf` to the client it answers. False on a malformed stream
+/// (or replies nobody asked for).
+fn deliver(
+    buf: &mut BytesMut,
+    scanner: &mut Scanner,
+    waiting: &mut VecDeque<Waiting>,
+    memory: &Arc<RequestMemory>,
+    limit: u64,
+) -> bool {
+    let mut end_of_ready = 0;
+    loop {
+        let next = match scanner.next(buf, false) {
+            Ok(n) => n,
+            Err(_) => return false,
+        };
+        let Some((_, end, _)) = next else { break };
+        let Some(w) = waiting.front_mut() else { return false };
+        w.frames_left -= 1;
+        w.ready += 1;
+        end_of_ready = end;
+        if w.frames_left == 0 {
+            let chunk = buf.split_to(end_of_ready).freeze();
+            scanner.consumed(end_of_ready);
+            end_of_ready = 0;
+            if let Some(w) = waiting.pop_front() {
+                hand(w, chunk, memory, limit);
+            }
+        }
+    }
+    // The head job's complete replies so far go now (its last ones are still arriving).
+    if end_of_ready > 0
+        && let Some(w) = waiting.front_mut()
+    {
+        let chunk = buf.split_to(end_of_ready).freeze();
+        scanner.consumed(end_of_ready);
+        let part = Waiting { frames_left: 0, ready: w.ready, reply: w.reply.clone() };
+        w.ready = 0;
+        hand(part, chunk, memory, limit);
+    }
+    true
+}
+
+/// Sends complete replies to their client, charged to the budget while they wait there.
+fn hand(w: Waiting, chunk: Bytes, memory: &Arc<RequestMemory>, limit: u64) {
+    let mut charge = Held::new(memory.clone());
+    // The client's own free share covers its ordinary replies; what waits beyond is charged.
+    if !charge.hold(chunk.len(), limit) {
+        let _ = w.reply.send(Delivery::TooLarge);
+        return;
+    }
+    let _ = w.reply.send(Delivery::Replies { bytes: chunk, frames: w.ready, _charge: charge });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::net::memory::FREE_PER_CONNECTION;
+
+    fn waiting(frames: u32) -> (Waiting, mpsc::UnboundedReceiver<Delivery>) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        (Waiting { frames_left: frames, ready: 0, reply: tx }, rx)
+    }
+
+    fn got(rx: &mut mpsc::UnboundedReceiver<Delivery>) -> Vec<(Vec<u8>, u32)> {
+        let mut v = Vec::new();
+        while let Ok(d) = rx.try_recv() {
+            match d {
+                Delivery::Replies { bytes, frames, .. } => v.push((bytes.to_vec(), frames)),
+                Delivery::Failed => v.push((b"failed".to_vec(), 0)),
+                Delivery::TooLarge => v.push((b"toolarge".to_vec(), 0)),
+            }
+        }
+        v
+    }
+
+    #[test]
+    fn replies_go_to_their_clients_whole_frames_at_a_time() {
+        let mem = Arc::new(RequestMemory::default());
+        let (a, mut ra) = waiting(2);
+        let (b, mut rb) = waiting(1);
+        let mut q = VecDeque::from([a, b]);
+        let mut s = Scanner::default();
+        let mut buf = BytesMut::from(&b"+OK\r\n$3\r\nab"[..]);
+        assert!(deliver(&mut buf, &mut s, &mut q, &mem, u64::MAX));
+        assert_eq!(got(&mut ra), vec![(b"+OK\r\n".to_vec(), 1)], "a complete frame goes at once");
+        buf.extend_from_slice(b"c\r\n:1\r\n");
+        assert!(deliver(&mut buf, &mut s, &mut q, &mem, u64::MAX));
+        assert_eq!(got(&mut ra), vec![(b"$3\r\nabc\r\n".to_vec(), 1)]);
+        assert_eq!(got(&mut rb), vec![(b":1\r\n".to_vec(), 1)]);
+        assert!(buf.is_empty() && q.is_empty());
+        buf.extend_from_slice(b"+unasked\r\n");
+        assert!(!deliver(&mut buf, &mut s, &mut q, &mem, u64::MAX), "a reply nobody asked for");
+    }
+
+    #[test]
+    fn replies_over_the_budget_are_refused() {
+        let mem = Arc::new(RequestMemory::default());
+        let (a, mut ra) = waiting(1);
+        let mut q = VecDeque::from([a]);
+        let mut s = Scanner::default();
+        let big = vec![b'x'; FREE_PER_CONNECTION + 10];
+        let mut buf = BytesMut::from(format!("${}\r\n", big.len()).as_bytes());
+        buf.extend_from_slice(&big);
+        buf.extend_from_slice(b"\r\n");
+        assert!(deliver(&mut buf, &mut s, &mut q, &mem, 5));
+        assert_eq!(got(&mut ra), vec![(b"toolarge".to_vec(), 0)]);
+        assert_eq!(mem.used(), 0);
+    }
+}

@@ -1,0 +1,244 @@
+//! `pool = "multiplex"`: clients with the same upstream credentials share upstream connections
+//! until one sends a command that needs a connection of its own. The oracle is the real Redis:
+//! what a client sees through a shared connection is what it sees directly, in order, and a
+//! client that moves to its own connection (MULTI, SELECT, a blocking command, HELLO, ...)
+//! first gets every shared reply it is owed. (The rest of the Redis suite also runs in this
+//! mode: `PORTCULLIS_TEST_REDIS_POOL=multiplex` in scripts/test.)
+
+mod support;
+
+use portcullis::demo::RedisInstance;
+use support::*;
+
+const MUX: &str = "pool = \"multiplex\"";
+
+/// The proxy's upstream connections on `r` (from CLIENT LIST, as the runtime user).
+async fn upstream_conns(r: &RedisInstance) -> usize {
+    let mut admin = RawRedis::direct_to(r.port, "portcullis", &r.password).await;
+    let list = admin.call(&["CLIENT", "LIST"]).await;
+    let text = String::from_utf8_lossy(&list).to_string();
+    // every proxy connection logs in as `portcullis`; minus this admin connection
+    text.lines().filter(|l| l.contains(" user=portcullis ")).count() - 1
+}
+
+async fn login(port: u16) -> RawRedis {
+    let mut c = RawRedis::proxy(port).await;
+    assert_eq!(c.call(&["AUTH", "app", REDIS_APP_PW]).await, b"+OK\r\n");
+    c
+}
+
+fn cmd(args: &[&str]) -> Vec<u8> {
+    let v: Vec<&[u8]> = args.iter().map(|a| a.as_bytes()).collect();
+    portcullis::redis::codec::encode_command(&v)
+}
+
+#[tokio::test]
+async fn clients_share_upstream_connections_and_each_gets_its_own_replies() {
+    let r = RedisInstance::start(Some(std::process::id()), None).expect("redis-server starts");
+    let p = redis_proxy_for(&r, "", MUX).await;
+    let mut clients = Vec::new();
+    for _ in 0..20 {
+        clients.push(login(p.redis_port()).await);
+    }
+    // Every client pipelines its own writes and reads in one go, all at once.
+    let mut tasks = Vec::new();
+    for (i, mut c) in clients.into_iter().enumerate() {
+        tasks.push(tokio::spawn(async move {
+            let mut pipe = Vec::new();
+            for j in 0..200 {
+                pipe.extend(cmd(&["SET", &format!("mx:{i}:{j}"), &format!("v{i}-{j}")]));
+                pipe.extend(cmd(&["GET", &format!("mx:{i}:{j}")]));
+                pipe.extend(cmd(&["INCR", &format!("mx:{i}:n")]));
+            }
+            c.send_raw(&pipe).await;
+            for j in 0..200 {
+                assert_eq!(c.read(false).await, b"+OK\r\n");
+                let v = format!("v{i}-{j}");
+                assert_eq!(c.read(false).await, format!("${}\r\n{v}\r\n", v.len()).into_bytes());
+                assert_eq!(c.read(false).await, format!(":{}\r\n", j + 1).into_bytes());
+            }
+            c
+        }));
+    }
+    let mut clients = Vec::new();
+    for t in tasks {
+        clients.push(t.await.unwrap());
+    }
+    let shared = upstream_conns(&r).await;
+    assert_eq!(shared, 1, "20 clients, one shared upstream connection");
+    // A client that asks for connection state gets a connection of its own; the others stay.
+    assert_eq!(clients[0].call(&["SELECT", "1"]).await, b"+OK\r\n");
+    assert_eq!(upstream_conns(&r).await, 2);
+    assert_eq!(clients[0].call(&["GET", "mx:0:0"]).await, b"$-1\r\n", "database 1 is its own");
+    assert_eq!(clients[1].call(&["GET", "mx:0:0"]).await, b"$4\r\nv0-0\r\n", "the others stay on 0");
+    drop(clients);
+    // The shared connection closes with its last client.
+    for _ in 0..100 {
+        if upstream_conns(&r).await == 0 {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    panic!("upstream connections left after every client went: {}", upstream_conns(&r).await);
+}
+
+/// A pipeline that moves to a connection of its own half-way answers exactly as Redis does:
+/// the shared replies first, then the transaction that saw their writes.
+#[tokio::test]
+async fn moving_to_an_own_connection_mid_pipeline_keeps_order_and_writes() {
+    let p = redis_proxy("", MUX).await;
+    let mut pipe = Vec::new();
+    for args in [
+        &["SET", "mxo:k", "1"][..],
+        &["INCR", "mxo:k"],
+        &["CLIENT", "REPLY", "SKIP"],
+        &["INCR", "mxo:k"],
+        &["MULTI"],
+        &["INCR", "mxo:k"],
+        &["RPUSH", "mxo:l", "a"],
+        &["EXEC"],
+        &["GET", "mxo:k"],
+        &["WATCH", "mxo:k"],
+        &["UNWATCH"],
+        &["LPOP", "mxo:l"],
+    ] {
+        pipe.extend(cmd(args));
+    }
+    // the direct side: a plain connection as the same rules' oracle
+    acl_user("oracle-mxo", "oracle-pw", "+@all -@dangerous -@scripting -dump").await;
+    let mut direct = RawRedis::direct_as("oracle-mxo", "oracle-pw").await;
+    let mut proxied = login(p.redis_port()).await;
+    let n = 10; // CLIENT REPLY SKIP and the INCR it skips answer nothing
+    let mut got = (Vec::new(), Vec::new());
+    let mut admin = RawRedis::direct_as("portcullis", &redis().password).await;
+    admin.call(&["DEL", "mxo:k", "mxo:l"]).await;
+    proxied.send_raw(&pipe).await;
+    for _ in 0..n {
+        got.0.extend(proxied.read(false).await);
+    }
+    admin.call(&["DEL", "mxo:k", "mxo:l"]).await;
+    direct.send_raw(&pipe).await;
+    for _ in 0..n {
+        got.1.extend(direct.read(false).await);
+    }
+    assert_eq!(String::from_utf8_lossy(&got.0), String::from_utf8_lossy(&got.1));
+    assert!(
+        got.0.ends_with(b"*2\r\n:4\r\n:1\r\n$1\r\n4\r\n+OK\r\n+OK\r\n$1\r\na\r\n"),
+        "{}",
+        String::from_utf8_lossy(&got.0)
+    );
+}
+
+/// A blocking command moves its client off the shared connection: the others are not held up.
+#[tokio::test]
+async fn a_blocking_client_does_not_hold_up_the_others() {
+    let p = redis_proxy("", MUX).await;
+    let mut admin = RawRedis::direct_as("portcullis", &redis().password).await;
+    admin.call(&["DEL", "mxb:q"]).await;
+    let mut blocked = login(p.redis_port()).await;
+    let mut other = login(p.redis_port()).await;
+    assert_eq!(blocked.call(&["SET", "mxb:x", "1"]).await, b"+OK\r\n");
+    blocked.send(&["BLPOP", "mxb:q", "0"]).await;
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    for i in 0..100 {
+        assert_eq!(other.call(&["INCR", "mxb:n"]).await.first(), Some(&b':'), "request {i}");
+    }
+    assert_eq!(other.call(&["RPUSH", "mxb:q", "woke"]).await, b":1\r\n");
+    assert_eq!(blocked.read(false).await, b"*2\r\n$5\r\nmxb:q\r\n$4\r\nwoke\r\n");
+    assert_eq!(blocked.call(&["GET", "mxb:x"]).await, b"$1\r\n1\r\n");
+}
+
+/// RESP3 (HELLO 3) and HELLO AUTH get a connection of their own; pub/sub too.
+#[tokio::test]
+async fn hello_and_pubsub_clients_work_on_their_own_connections() {
+    let p = redis_proxy("", MUX).await;
+    let mut c = RawRedis::proxy(p.redis_port()).await;
+    c.send(&["HELLO", "3", "AUTH", "app", REDIS_APP_PW]).await;
+    let hello = c.read(true).await;
+    assert!(hello.starts_with(b"%"), "{}", String::from_utf8_lossy(&hello));
+    assert_eq!(c.call(&["SET", "mxh:k", "v"]).await, b"+OK\r\n");
+    c.send(&["HGETALL", "mxh:none"]).await;
+    assert_eq!(c.read(true).await, b"%0\r\n", "RESP3 map: the connection speaks RESP3");
+    let mut sub = login(p.redis_port()).await;
+    assert_eq!(sub.call(&["SET", "mxh:before", "1"]).await, b"+OK\r\n");
+    sub.send(&["SUBSCRIBE", "mxh:chan"]).await;
+    assert_eq!(sub.read(false).await, b"*3\r\n$9\r\nsubscribe\r\n$8\r\nmxh:chan\r\n:1\r\n");
+    let mut publisher = login(p.redis_port()).await;
+    assert_eq!(publisher.call(&["PUBLISH", "mxh:chan", "hi"]).await, b":1\r\n");
+    assert_eq!(sub.read(false).await, b"*3\r\n$7\r\nmessage\r\n$8\r\nmxh:chan\r\n$2\r\nhi\r\n");
+}
+
+/// The shared connection's Redis restarts: a client owed a reply is told and closed, an idle
+/// one carries on over a new shared connection.
+#[tokio::test]
+async fn a_lost_shared_connection_fails_those_owed_replies_and_is_replaced() {
+    let mut r = RedisInstance::start(Some(std::process::id()), None).expect("redis-server starts");
+    let p = redis_proxy_for(&r, "", MUX).await;
+    // different users, the same upstream credentials: the same shared connection
+    let mut waiting = RawRedis::proxy(p.redis_port()).await;
+    assert_eq!(waiting.call(&["AUTH", "admin", REDIS_ADMIN_PW]).await, b"+OK\r\n");
+    let mut idle = login(p.redis_port()).await;
+    assert_eq!(waiting.call(&["SET", "k", "1"]).await, b"+OK\r\n");
+    assert_eq!(idle.call(&["GET", "k"]).await, b"$1\r\n1\r\n");
+    // a slow script keeps the shared connection's reply owed while Redis goes away
+    waiting.send(&["EVAL", "local t = redis.call('TIME') while true do end", "0"]).await;
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    r.kill();
+    assert_eq!(waiting.read(false).await, b"-ERR upstream unavailable\r\n");
+    assert!(waiting.closed().await);
+    r.restart().expect("redis restarts");
+    let mut ok = false;
+    for _ in 0..50 {
+        let got = idle.call(&["PING"]).await;
+        if got == b"+PONG\r\n" {
+            ok = true;
+            break;
+        }
+        assert_eq!(got, b"-ERR upstream unavailable\r\n");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert!(ok, "the idle client works again once Redis is back");
+}
+
+/// A client whose shared replies are still owed when it asks for a connection of its own: the
+/// request waits (unparsed) until they are in, then runs on the new connection, after them.
+#[tokio::test]
+async fn a_move_waits_for_the_replies_the_shared_connection_owes() {
+    let p = redis_proxy("", MUX).await;
+    let mut c = RawRedis::proxy(p.redis_port()).await;
+    assert_eq!(c.call(&["AUTH", "admin", REDIS_ADMIN_PW]).await, b"+OK\r\n");
+    assert_eq!(c.call(&["DEL", "mxw:k"]).await.first(), Some(&b':'));
+    // a script that keeps Redis (and so the shared reply) busy for 300 ms
+    let busy = "local t = redis.call('TIME') local s = t[1] * 1000000 + t[2] \
+                repeat t = redis.call('TIME') until t[1] * 1000000 + t[2] - s > 300000 return 1";
+    c.send(&["EVAL", busy, "0"]).await;
+    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    let mut pipe = Vec::new();
+    for args in
+        [&["SET", "mxw:k", "1"][..], &["INCR", "mxw:k"], &["MULTI"], &["INCR", "mxw:k"], &["EXEC"], &["GET", "mxw:k"]]
+    {
+        pipe.extend(cmd(args));
+    }
+    c.send_raw(&pipe).await;
+    let mut got = Vec::new();
+    for _ in 0..7 {
+        got.extend(c.read(false).await);
+    }
+    assert_eq!(String::from_utf8_lossy(&got), ":1\r\n+OK\r\n:2\r\n+OK\r\n+QUEUED\r\n*1\r\n:3\r\n$1\r\n3\r\n");
+}
+
+/// A refused re-AUTH after shared requests in the same batch: those requests still go (and
+/// answer) and the client keeps its identity, as with Redis.
+#[tokio::test]
+async fn a_refused_auth_mid_batch_loses_nothing() {
+    let p = redis_proxy("", MUX).await;
+    let mut c = login(p.redis_port()).await;
+    let mut pipe = Vec::new();
+    for args in [&["SET", "mxa:k", "v"][..], &["AUTH", "app", "wrong"]] {
+        pipe.extend(cmd(args));
+    }
+    c.send_raw(&pipe).await;
+    assert_eq!(c.read(false).await, b"+OK\r\n");
+    assert_eq!(c.read(false).await, b"-WRONGPASS invalid username-password pair or user is disabled.\r\n");
+    assert_eq!(c.call(&["GET", "mxa:k"]).await, b"$1\r\nv\r\n");
+}
