@@ -172,12 +172,15 @@ async fn hello_and_pubsub_clients_work_on_their_own_connections() {
 /// one carries on over a new shared connection.
 #[tokio::test]
 async fn a_lost_shared_connection_fails_those_owed_replies_and_is_replaced() {
+    // (two idle clients: the dead connection's sender outlives its task in their links)
     let mut r = RedisInstance::start(Some(std::process::id()), None).expect("redis-server starts");
     let p = redis_proxy_for(&r, "", MUX).await;
     // different users, the same upstream credentials: the same shared connection
     let mut waiting = RawRedis::proxy(p.redis_port()).await;
     assert_eq!(waiting.call(&["AUTH", "admin", REDIS_ADMIN_PW]).await, b"+OK\r\n");
     let mut idle = login(p.redis_port()).await;
+    let mut idle2 = login(p.redis_port()).await;
+    assert_eq!(idle2.call(&["PING"]).await, b"+PONG\r\n");
     assert_eq!(waiting.call(&["SET", "k", "1"]).await, b"+OK\r\n");
     assert_eq!(idle.call(&["GET", "k"]).await, b"$1\r\n1\r\n");
     // a slow script keeps the shared connection's reply owed while Redis goes away
@@ -198,6 +201,10 @@ async fn a_lost_shared_connection_fails_those_owed_replies_and_is_replaced() {
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
     assert!(ok, "the idle client works again once Redis is back");
+    // and a new client is not handed the dead connection
+    let mut fresh = login(p.redis_port()).await;
+    assert_eq!(fresh.call(&["PING"]).await, b"+PONG\r\n");
+    drop(idle2);
 }
 
 /// A client whose shared replies are still owed when it asks for a connection of its own: the
@@ -241,4 +248,38 @@ async fn a_refused_auth_mid_batch_loses_nothing() {
     assert_eq!(c.read(false).await, b"+OK\r\n");
     assert_eq!(c.read(false).await, b"-WRONGPASS invalid username-password pair or user is disabled.\r\n");
     assert_eq!(c.call(&["GET", "mxa:k"]).await, b"$1\r\nv\r\n");
+}
+
+/// A client that pipelines reads of a large value and never reads its replies: its replies
+/// wait in the proxy charged to `max_buffered_bytes` (here 4 MiB) and its further requests are
+/// not read (per-client flow control), so memory stays bounded; the clients sharing its
+/// upstream connection carry on; nothing stays charged once it is gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_does_not_read_neither_grows_memory_nor_stalls_the_others() {
+    let p = redis_proxy("[limits]\nmax_buffered_bytes = 4194304\n", MUX).await;
+    let mut admin = RawRedis::direct_as("portcullis", &redis().password).await;
+    let big = "b".repeat(200 * 1024);
+    assert_eq!(admin.call(&["SET", "mxm:big", &big]).await, b"+OK\r\n");
+    let mut stuck = login(p.redis_port()).await;
+    let mut other = login(p.redis_port()).await;
+    assert_eq!(other.call(&["SET", "mxm:small", "s"]).await, b"+OK\r\n");
+    // 40 MB of replies asked for, none read
+    let get = cmd(&["GET", "mxm:big"]);
+    let pipe: Vec<u8> = get.iter().copied().cycle().take(get.len() * 200).collect();
+    stuck.send_raw(&pipe).await;
+    let limit = 4 * 1024 * 1024;
+    for i in 0..200 {
+        assert_eq!(other.call(&["GET", "mxm:small"]).await, b"$1\r\ns\r\n", "request {i}");
+        let used = p.running.shared().request_memory.used();
+        assert!(used <= limit, "{used} bytes charged, over the 4 MiB budget");
+    }
+    drop(stuck);
+    for _ in 0..100 {
+        if p.running.shared().request_memory.used() == 0 {
+            assert_eq!(other.call(&["GET", "mxm:small"]).await, b"$1\r\ns\r\n");
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    panic!("still charged: {}", p.running.shared().request_memory.used());
 }

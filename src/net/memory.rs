@@ -64,6 +64,20 @@ impl Held {
     }
 }
 
+impl Held {
+    /// A charge for all of `bytes` (no free share: bytes waiting between tasks); None when
+    /// that would take the total over `limit`.
+    pub fn whole(budget: Arc<RequestMemory>, bytes: usize, limit: u64) -> Option<Held> {
+        let add = bytes as u64;
+        let before = budget.used.fetch_add(add, Relaxed);
+        if before.saturating_add(add) > limit {
+            budget.used.fetch_sub(add, Relaxed);
+            return None;
+        }
+        Some(Held { budget, bytes: add })
+    }
+}
+
 impl Drop for Held {
     fn drop(&mut self) {
         self.budget.used.fetch_sub(self.bytes, Relaxed);
@@ -89,5 +103,10 @@ mod tests {
         assert_eq!(m.used(), 40, "a request handled releases its charge");
         drop(b);
         assert_eq!(m.used(), 0, "a closed connection releases its charge");
+        let w = Held::whole(m.clone(), 30, 100).expect("within the limit");
+        assert_eq!(m.used(), 30, "no free share");
+        assert!(Held::whole(m.clone(), 71, 100).is_none());
+        drop(w);
+        assert_eq!(m.used(), 0);
     }
 }

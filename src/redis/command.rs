@@ -375,6 +375,8 @@ fn needs_own_connection(info: &CommandInfo) -> bool {
             .iter()
             .any(|c| matches!(c.as_str(), "connection" | "transaction" | "pubsub" | "blocking" | "admin"))
         || matches!(info.parent(), "select" | "wait" | "waitaof" | "client" | "reset" | "hello" | "auth" | "quit")
+        // the Lua debugger takes over the connection for the next EVAL
+        || info.name == "script|debug"
 }
 
 impl CommandTable {
@@ -509,6 +511,7 @@ mod tests {
             "CONFIG GET x",
             "DEBUG SLEEP 1",
             "MONITOR",
+            "SCRIPT DEBUG YES",
         ] {
             assert_eq!(own(own_conn), Some(true), "{own_conn}");
         }

@@ -185,7 +185,7 @@ impl Session {
 
     /// True while this client's requests go to a shared upstream connection.
     pub(super) fn sharing(&self) -> bool {
-        self.cfg.multiplex && !self.pinned
+        self.multiplex && !self.pinned
     }
 
     /// Links to the shared upstream connection for `creds`, opening one if there is none. False

@@ -11,6 +11,7 @@
 //! RESP2 on database 0, and close when the last client using them goes.
 
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 
 use bytes::{Bytes, BytesMut};
@@ -26,14 +27,46 @@ use crate::net::stream::Stream;
 pub(super) struct Job {
     pub(super) bytes: Bytes,
     pub(super) frames: u32,
-    pub(super) reply: mpsc::UnboundedSender<Delivery>,
+    pub(super) reply: Arc<Client>,
+}
+
+/// Where a client's replies go, and what of them waits there.
+pub(super) struct Client {
+    tx: mpsc::UnboundedSender<Delivery>,
+    /// Reply bytes delivered and not yet taken by the client's session.
+    waiting: AtomicUsize,
+    /// Told `TooLarge`: the rest of its replies are dropped (its session ends).
+    refused: AtomicBool,
+}
+
+impl Client {
+    fn send(&self, d: Delivery) {
+        let _ = self.tx.send(d);
+    }
+}
+
+/// Reply bytes that may wait for one client (beyond a first reply, which may take up to the
+/// whole budget): a client that does not read cannot take the budget from the others.
+const CLIENT_WAITING_MAX: u64 = 64 * 1024 * 1024;
+
+/// The charge of delivered replies: the process-wide budget and the client's share.
+pub(super) struct Charge {
+    _global: Held,
+    client: Arc<Client>,
+    n: usize,
+}
+
+impl Drop for Charge {
+    fn drop(&mut self) {
+        self.client.waiting.fetch_sub(self.n, Relaxed);
+    }
 }
 
 /// What a client gets from the shared connection.
 pub(super) enum Delivery {
     /// Complete reply frames (`frames` of them), in order, and the budget charge they hold
     /// until the client has taken them.
-    Replies { bytes: Bytes, frames: u32, _charge: Held },
+    Replies { bytes: Bytes, frames: u32, charge: Charge },
     /// The shared connection is gone: these replies will not come.
     Failed,
     /// The replies owed would take the proxy over its buffer budget: they will not come.
@@ -43,21 +76,62 @@ pub(super) enum Delivery {
 /// A client's link to a shared connection.
 pub(super) struct Link {
     jobs: mpsc::UnboundedSender<Job>,
-    reply_tx: mpsc::UnboundedSender<Delivery>,
+    client: Arc<Client>,
     /// Deliveries for this client.
     pub(super) rx: mpsc::UnboundedReceiver<Delivery>,
     /// Replies owed by the shared connection (sent minus delivered).
     pub(super) outstanding: u64,
+    /// Per batch sent and not fully answered: its replies still owed and its request bytes.
+    inflight: VecDeque<(u32, usize)>,
+    /// Request bytes of those batches.
+    inflight_bytes: usize,
 }
+
+/// Request bytes a client may have on a shared connection, unanswered, before the proxy stops
+/// reading its further requests (per-client flow control, as a dedicated connection's socket
+/// buffers give; the batch that crosses it still goes).
+pub(super) const INFLIGHT_MAX: usize = 256 * 1024;
 
 impl Link {
     /// Queues a batch. False when the shared connection is gone (nothing was sent).
     pub(super) fn send(&mut self, bytes: Bytes, frames: u32) -> bool {
-        let ok = self.jobs.send(Job { bytes, frames, reply: self.reply_tx.clone() }).is_ok();
+        let len = bytes.len();
+        let ok = self.jobs.send(Job { bytes, frames, reply: self.client.clone() }).is_ok();
         if ok {
             self.outstanding += u64::from(frames);
+            self.inflight.push_back((frames, len));
+            self.inflight_bytes += len;
         }
         ok
+    }
+
+    /// `frames` replies arrived.
+    pub(super) fn answered(&mut self, mut frames: u32) {
+        self.outstanding = self.outstanding.saturating_sub(u64::from(frames));
+        while frames > 0 {
+            let Some(front) = self.inflight.front_mut() else { break };
+            let n = front.0.min(frames);
+            front.0 -= n;
+            frames -= n;
+            if front.0 == 0 {
+                self.inflight_bytes -= front.1;
+                self.inflight.pop_front();
+            }
+        }
+    }
+
+    /// False while this client has too much unanswered on the shared connection.
+    pub(super) fn may_send(&self) -> bool {
+        self.inflight_bytes < INFLIGHT_MAX
+    }
+
+    /// The next delivery (`Failed` if the shared connection's task is gone without a word).
+    pub(super) async fn recv(&mut self) -> Delivery {
+        tokio::select! {
+            biased;
+            d = self.rx.recv() => d.unwrap_or(Delivery::Failed),
+            _ = self.jobs.closed(), if self.outstanding > 0 => self.rx.try_recv().unwrap_or(Delivery::Failed),
+        }
     }
 
     /// True while the shared connection is up.
@@ -79,8 +153,10 @@ impl MuxPool {
     pub(super) fn link(&self, upstream: &str, creds: &Creds) -> Option<Link> {
         let mut conns = self.conns.lock().unwrap_or_else(|p| p.into_inner());
         conns.retain(|(_, _, w)| w.strong_count() > 0);
+        // A connection whose task has ended is never handed out (idle links may still hold it).
+        conns.retain(|(_, _, w)| w.upgrade().is_some_and(|tx| !tx.is_closed()));
         let jobs = conns.iter().find(|(u, c, _)| u == upstream && c == creds).and_then(|(_, _, w)| w.upgrade())?;
-        Some(new_link(jobs))
+        (!jobs.is_closed()).then(|| new_link(jobs))
     }
 
     /// Starts a shared connection over `io` (logged in with `creds`) and links to it.
@@ -102,8 +178,9 @@ impl MuxPool {
 }
 
 fn new_link(jobs: mpsc::UnboundedSender<Job>) -> Link {
-    let (reply_tx, rx) = mpsc::unbounded_channel();
-    Link { jobs, reply_tx, rx, outstanding: 0 }
+    let (tx, rx) = mpsc::unbounded_channel();
+    let client = Arc::new(Client { tx, waiting: AtomicUsize::new(0), refused: AtomicBool::new(false) });
+    Link { jobs, client, rx, outstanding: 0, inflight: VecDeque::new(), inflight_bytes: 0 }
 }
 
 /// A job whose replies are being read.
@@ -111,7 +188,7 @@ struct Waiting {
     frames_left: u32,
     /// Frames complete in the buffer, not yet delivered.
     ready: u32,
-    reply: mpsc::UnboundedSender<Delivery>,
+    reply: Arc<Client>,
 }
 
 /// Scheduler rounds a write waits for more batches (while each round brings some).
@@ -153,8 +230,16 @@ async fn run(mut io: Stream, mut jobs: mpsc::UnboundedReceiver<Job>, memory: Arc
                         break;
                     }
                 }
-                let res = if batch.len() == 1 {
-                    io.write_all(&batch[0].bytes).await
+                let res = if batch.len() == 1 || size > WRITE_MAX {
+                    // one batch, or large ones: written as they are (no copy)
+                    let mut res = Ok(());
+                    for j in &batch {
+                        res = io.write_all(&j.bytes).await;
+                        if res.is_err() {
+                            break;
+                        }
+                    }
+                    res
                 } else {
                     out.clear();
                     for j in &batch {
@@ -197,7 +282,7 @@ async fn run(mut io: Stream, mut jobs: mpsc::UnboundedReceiver<Job>, memory: Arc
                 if !held.hold(buf.len(), limit) {
                     tracing::warn!(pending = buf.len(), "buffer memory budget exhausted: dropping a shared connection");
                     if let Some(w) = waiting.pop_front() {
-                        let _ = w.reply.send(Delivery::TooLarge);
+                        w.reply.send(Delivery::TooLarge);
                     }
                     break true;
                 }
@@ -214,11 +299,11 @@ async fn run(mut io: Stream, mut jobs: mpsc::UnboundedReceiver<Job>, memory: Arc
     // Everyone still owed a reply, queued or in the channel, learns it will not come.
     jobs.close();
     for w in waiting {
-        let _ = w.reply.send(Delivery::Failed);
+        w.reply.send(Delivery::Failed);
     }
     while let Ok(j) = jobs.try_recv() {
         if j.frames > 0 {
-            let _ = j.reply.send(Delivery::Failed);
+            j.reply.send(Delivery::Failed);
         }
     }
     let _ = io.shutdown().await;
@@ -268,13 +353,28 @@ fn deliver(
 
 /// Sends complete replies to their client, charged to the budget while they wait there.
 fn hand(w: Waiting, chunk: Bytes, memory: &Arc<RequestMemory>, limit: u64) {
-    let mut charge = Held::new(memory.clone());
-    // The client's own free share covers its ordinary replies; what waits beyond is charged.
-    if !charge.hold(chunk.len(), limit) {
-        let _ = w.reply.send(Delivery::TooLarge);
+    // Every byte waiting for its client is charged (a client that does not read cannot pile
+    // up replies beyond the budget, nor beyond its share of it once something waits).
+    let c = &w.reply;
+    if c.refused.load(Relaxed) {
         return;
     }
-    let _ = w.reply.send(Delivery::Replies { bytes: chunk, frames: w.ready, _charge: charge });
+    let n = chunk.len();
+    let before = c.waiting.fetch_add(n, Relaxed);
+    let share = (limit / 4).min(CLIENT_WAITING_MAX);
+    let charge = if before > 0 && (before + n) as u64 > share { None } else { Held::whole(memory.clone(), n, limit) };
+    match charge {
+        Some(g) => c.send(Delivery::Replies {
+            bytes: chunk,
+            frames: w.ready,
+            charge: Charge { _global: g, client: c.clone(), n },
+        }),
+        None => {
+            c.waiting.fetch_sub(n, Relaxed);
+            c.refused.store(true, Relaxed);
+            c.send(Delivery::TooLarge);
+        }
+    }
 }
 
 #[cfg(test)]
@@ -284,7 +384,8 @@ mod tests {
 
     fn waiting(frames: u32) -> (Waiting, mpsc::UnboundedReceiver<Delivery>) {
         let (tx, rx) = mpsc::unbounded_channel();
-        (Waiting { frames_left: frames, ready: 0, reply: tx }, rx)
+        let c = Arc::new(Client { tx, waiting: AtomicUsize::new(0), refused: AtomicBool::new(false) });
+        (Waiting { frames_left: frames, ready: 0, reply: c }, rx)
     }
 
     fn got(rx: &mut mpsc::UnboundedReceiver<Delivery>) -> Vec<(Vec<u8>, u32)> {

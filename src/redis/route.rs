@@ -136,7 +136,7 @@ impl Session {
             "auth" => self.handle_auth(args, up, pieces).await,
             "hello" => {
                 // HELLO sets the protocol of the connection: its own, never a shared one.
-                self.pinned |= self.cfg.multiplex;
+                self.pinned |= self.multiplex;
                 self.handle_hello(args, up, pieces).await
             }
             "reset" => self.local(Bytes::from_static(b"+RESET\r\n")),

@@ -149,6 +149,9 @@ pub(super) struct Session {
     reply_held: crate::net::memory::Held,
     /// The shared upstream connection this client's requests go to (`pool = "multiplex"`).
     pub(super) mux: Option<super::mux::Link>,
+    /// The listener's `pool = "multiplex"` when the session started (a reload applies to the
+    /// next sessions: a session never changes mode with replies owed).
+    pub(super) multiplex: bool,
     /// This client has (or is to get) an upstream connection of its own from now on.
     pub(super) pinned: bool,
     /// A request needs a connection of its own: it waits in the buffer until the shared
@@ -180,6 +183,7 @@ pub async fn handle(acc: Accepted, l: Arc<RedisListener>, shared: Arc<Shared>) {
     let Accepted { tcp, peer, session, admission } = acc;
     let cfg = l.config();
     let cfg_name = cfg.name.clone();
+    let multiplex = cfg.multiplex;
     let commands = l.commands();
     let limit = shared.config().limits.handshake_timeout;
     let deadline = Instant::now() + limit;
@@ -210,6 +214,7 @@ pub async fn handle(acc: Accepted, l: Arc<RedisListener>, shared: Arc<Shared>) {
         held: crate::net::memory::Held::new(shared.request_memory.clone()),
         reply_held: crate::net::memory::Held::new(shared.request_memory.clone()),
         mux: None,
+        multiplex,
         pinned: false,
         pin_wanted: false,
         deferred_error: None,
@@ -262,7 +267,7 @@ async fn read_opt<S: AsyncRead + Unpin>(
 /// Waits for what the shared connection delivers (never, without one).
 async fn recv_link(link: &mut Option<super::mux::Link>) -> Delivery {
     match link {
-        Some(l) => l.rx.recv().await.unwrap_or(Delivery::Failed),
+        Some(l) => l.recv().await,
         None => std::future::pending().await,
     }
 }
@@ -431,7 +436,8 @@ impl Session {
                 }
                 continue;
             }
-            let take_requests = (!draining || self.in_multi) && !self.pin_wanted;
+            let take_requests =
+                (!draining || self.in_multi) && !self.pin_wanted && self.mux.as_ref().is_none_or(|m| m.may_send());
             let c_spare = make_room(&mut cbuf, c_want);
             tokio::select! {
                 r = async { client.read_buf(&mut (&mut cbuf).limit(c_spare)).await }, if take_requests => {
@@ -470,13 +476,16 @@ impl Session {
                     }
                 }
                 d = recv_link(&mut self.mux) => match d {
-                    Delivery::Replies { bytes, frames, _charge } => {
+                    Delivery::Replies { bytes, frames, charge } => {
                         if let Some(m) = self.mux.as_mut() {
-                            m.outstanding = m.outstanding.saturating_sub(u64::from(frames));
+                            m.answered(frames);
                         }
                         ubuf.extend_from_slice(&bytes);
-                        drop(_charge);
-                        if let Err(outcome) = self.on_upstream_bytes(&mut client, &mut ubuf).await {
+                        drop(bytes);
+                        // charged until the client has them
+                        let r = self.on_upstream_bytes(&mut client, &mut ubuf).await;
+                        drop(charge);
+                        if let Err(outcome) = r {
                             return outcome;
                         }
                     }
