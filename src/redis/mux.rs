@@ -185,12 +185,16 @@ fn new_link(jobs: mpsc::UnboundedSender<Job>) -> Link {
 
 /// A job whose replies are being read.
 struct Waiting {
+    /// The last job of its write.
+    ends_write: bool,
     frames_left: u32,
     /// Frames complete in the buffer, not yet delivered.
     ready: u32,
     reply: Arc<Client>,
 }
 
+/// Writes a shared connection has unanswered before it holds further batches back.
+const WRITES_IN_FLIGHT: usize = 1;
 /// Scheduler rounds a write waits for more batches (while each round brings some).
 const YIELDS_MAX: usize = 4;
 /// Largest write assembled from queued batches.
@@ -206,15 +210,20 @@ async fn run(mut io: Stream, mut jobs: mpsc::UnboundedReceiver<Job>, memory: Arc
     let mut out: Vec<u8> = Vec::new();
     let mut held = Held::new(memory.clone());
     let mut want = READ_MIN;
+    // writes whose replies are not all in
+    let mut writes = 0usize;
     let failed = loop {
         tokio::select! {
-            j = jobs.recv() => {
+            // Nagle's rule for the shared connection: while writes are unanswered, batches
+            // queue up and go together (however many clients, one write per round trip);
+            // an idle connection writes at once.
+            j = jobs.recv(), if writes < WRITES_IN_FLIGHT => {
                 let Some(first) = j else { break false };
                 // Let the other clients made ready by the same poll queue their batches first,
                 // as long as more keep coming: every batch queued by then goes in one write.
                 let mut batch = vec![first];
                 let mut size = batch[0].bytes.len();
-                for _ in 0..YIELDS_MAX {
+                for round in 0..YIELDS_MAX {
                     tokio::task::yield_now().await;
                     let before = batch.len();
                     while size < WRITE_MAX {
@@ -226,7 +235,7 @@ async fn run(mut io: Stream, mut jobs: mpsc::UnboundedReceiver<Job>, memory: Arc
                             Err(_) => break,
                         }
                     }
-                    if batch.len() == before || size >= WRITE_MAX {
+                    if (round > 0 && batch.len() == before) || size >= WRITE_MAX {
                         break;
                     }
                 }
@@ -252,8 +261,14 @@ async fn run(mut io: Stream, mut jobs: mpsc::UnboundedReceiver<Job>, memory: Arc
                 }
                 for j in batch {
                     if j.frames > 0 {
-                        waiting.push_back(Waiting { frames_left: j.frames, ready: 0, reply: j.reply });
+                        waiting.push_back(Waiting { ends_write: false, frames_left: j.frames, ready: 0, reply: j.reply });
                     }
+                }
+                if let Some(w) = waiting.back_mut()
+                    && !w.ends_write
+                {
+                    w.ends_write = true;
+                    writes += 1;
                 }
                 if res.is_err() || io.flush().await.is_err() {
                     break true;
@@ -272,7 +287,7 @@ async fn run(mut io: Stream, mut jobs: mpsc::UnboundedReceiver<Job>, memory: Arc
                 if n >= want / 2 {
                     want = (want * 2).min(READ_MAX);
                 }
-                if !deliver(&mut buf, &mut scanner, &mut waiting, &memory, limit) {
+                if !deliver(&mut buf, &mut scanner, &mut waiting, &memory, limit, &mut writes) {
                     tracing::warn!("unparseable reply on a shared upstream connection");
                     break true;
                 }
@@ -317,6 +332,7 @@ fn deliver(
     waiting: &mut VecDeque<Waiting>,
     memory: &Arc<RequestMemory>,
     limit: u64,
+    writes: &mut usize,
 ) -> bool {
     let mut end_of_ready = 0;
     loop {
@@ -334,6 +350,9 @@ fn deliver(
             scanner.consumed(end_of_ready);
             end_of_ready = 0;
             if let Some(w) = waiting.pop_front() {
+                if w.ends_write {
+                    *writes -= 1;
+                }
                 hand(w, chunk, memory, limit);
             }
         }
@@ -344,7 +363,7 @@ fn deliver(
     {
         let chunk = buf.split_to(end_of_ready).freeze();
         scanner.consumed(end_of_ready);
-        let part = Waiting { frames_left: 0, ready: w.ready, reply: w.reply.clone() };
+        let part = Waiting { ends_write: false, frames_left: 0, ready: w.ready, reply: w.reply.clone() };
         w.ready = 0;
         hand(part, chunk, memory, limit);
     }
@@ -385,7 +404,7 @@ mod tests {
     fn waiting(frames: u32) -> (Waiting, mpsc::UnboundedReceiver<Delivery>) {
         let (tx, rx) = mpsc::unbounded_channel();
         let c = Arc::new(Client { tx, waiting: AtomicUsize::new(0), refused: AtomicBool::new(false) });
-        (Waiting { frames_left: frames, ready: 0, reply: c }, rx)
+        (Waiting { ends_write: true, frames_left: frames, ready: 0, reply: c }, rx)
     }
 
     fn got(rx: &mut mpsc::UnboundedReceiver<Delivery>) -> Vec<(Vec<u8>, u32)> {
@@ -407,16 +426,18 @@ mod tests {
         let (b, mut rb) = waiting(1);
         let mut q = VecDeque::from([a, b]);
         let mut s = Scanner::default();
+        let mut w = 2;
         let mut buf = BytesMut::from(&b"+OK\r\n$3\r\nab"[..]);
-        assert!(deliver(&mut buf, &mut s, &mut q, &mem, u64::MAX));
+        assert!(deliver(&mut buf, &mut s, &mut q, &mem, u64::MAX, &mut w));
         assert_eq!(got(&mut ra), vec![(b"+OK\r\n".to_vec(), 1)], "a complete frame goes at once");
         buf.extend_from_slice(b"c\r\n:1\r\n");
-        assert!(deliver(&mut buf, &mut s, &mut q, &mem, u64::MAX));
+        assert!(deliver(&mut buf, &mut s, &mut q, &mem, u64::MAX, &mut w));
         assert_eq!(got(&mut ra), vec![(b"$3\r\nabc\r\n".to_vec(), 1)]);
         assert_eq!(got(&mut rb), vec![(b":1\r\n".to_vec(), 1)]);
         assert!(buf.is_empty() && q.is_empty());
+        assert_eq!(w, 0, "both writes answered");
         buf.extend_from_slice(b"+unasked\r\n");
-        assert!(!deliver(&mut buf, &mut s, &mut q, &mem, u64::MAX), "a reply nobody asked for");
+        assert!(!deliver(&mut buf, &mut s, &mut q, &mem, u64::MAX, &mut w), "a reply nobody asked for");
     }
 
     #[test]
@@ -425,11 +446,12 @@ mod tests {
         let (a, mut ra) = waiting(1);
         let mut q = VecDeque::from([a]);
         let mut s = Scanner::default();
+        let mut w = 1;
         let big = vec![b'x'; FREE_PER_CONNECTION + 10];
         let mut buf = BytesMut::from(format!("${}\r\n", big.len()).as_bytes());
         buf.extend_from_slice(&big);
         buf.extend_from_slice(b"\r\n");
-        assert!(deliver(&mut buf, &mut s, &mut q, &mem, 5));
+        assert!(deliver(&mut buf, &mut s, &mut q, &mem, 5, &mut w));
         assert_eq!(got(&mut ra), vec![(b"toolarge".to_vec(), 0)]);
         assert_eq!(mem.used(), 0);
     }
