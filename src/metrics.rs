@@ -118,6 +118,7 @@ pub struct Metrics {
     posture_ok: GaugeVec,
     pg_pool_checkouts_total: IntCounterVec,
     pg_pool_idle: IntGaugeVec,
+    redis_multiplex_total: IntCounterVec,
     config_reloads_total: IntCounterVec,
 }
 
@@ -205,6 +206,12 @@ impl Metrics {
             posture_ok,
             pg_pool_checkouts_total,
             pg_pool_idle,
+            redis_multiplex_total: counter(
+                &r,
+                "redis_multiplex_total",
+                "Sessions of pool = \"multiplex\" listeners: joined (a shared upstream connection), opened (a new shared one), moved (to a connection of its own).",
+                &["listener", "event"],
+            ),
             connections_total: counter(
                 &r,
                 "connections_total",
@@ -357,6 +364,12 @@ impl Metrics {
     /// A pool checkout on a `pool = "session"` listener.
     pub fn pg_pool_checkout(&self, listener: &str, hit: bool) {
         self.pg_pool_checkouts_total.with_label_values(&[listener, if hit { "hit" } else { "miss" }]).inc();
+    }
+
+    /// A session of a `pool = "multiplex"` listener joined or opened a shared upstream
+    /// connection, or moved to one of its own.
+    pub fn redis_multiplex(&self, listener: &str, event: &'static str) {
+        self.redis_multiplex_total.with_label_values(&[listener, event]).inc();
     }
 
     /// Parked upstream sessions of a listener.

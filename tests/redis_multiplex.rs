@@ -71,6 +71,11 @@ async fn clients_share_upstream_connections_and_each_gets_its_own_replies() {
     assert_eq!(upstream_conns(&r).await, 2);
     assert_eq!(clients[0].call(&["GET", "mx:0:0"]).await, b"$-1\r\n", "database 1 is its own");
     assert_eq!(clients[1].call(&["GET", "mx:0:0"]).await, b"$4\r\nv0-0\r\n", "the others stay on 0");
+    let m = p.metrics();
+    for (event, n) in [("opened", 1), ("joined", 19), ("moved", 1)] {
+        let line = format!("portcullis_redis_multiplex_total{{event=\"{event}\",listener=\"cache\"}} {n}\n");
+        assert!(m.contains(&line), "{line} in\n{m}");
+    }
     drop(clients);
     // The shared connection closes with its last client.
     for _ in 0..100 {

@@ -203,9 +203,13 @@ impl Session {
         self.mux = None;
         let upstream = self.cfg.upstream.clone();
         let link = match self.l.mux.link(&upstream, creds) {
-            Some(l) => l,
+            Some(l) => {
+                self.shared.metrics.redis_multiplex(&self.cfg.name, "joined");
+                l
+            }
             None => match self.connect_upstream(creds).await {
                 Ok(io) => {
+                    self.shared.metrics.redis_multiplex(&self.cfg.name, "opened");
                     let limit = self.shared.config().limits.max_buffered_bytes;
                     self.l.mux.start(&upstream, creds.clone(), io, self.shared.request_memory.clone(), limit)
                 }

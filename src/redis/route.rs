@@ -136,7 +136,10 @@ impl Session {
             "auth" => self.handle_auth(args, up, pieces).await,
             "hello" => {
                 // HELLO sets the protocol of the connection: its own, never a shared one.
-                self.pinned |= self.multiplex;
+                if self.multiplex && !self.pinned {
+                    self.pinned = true;
+                    self.shared.metrics.redis_multiplex(&self.cfg.name, "moved");
+                }
                 self.handle_hello(args, up, pieces).await
             }
             "reset" => self.local(Bytes::from_static(b"+RESET\r\n")),
@@ -178,6 +181,7 @@ impl Session {
             }
             self.pinned = true;
             self.mux = None;
+            self.shared.metrics.redis_multiplex(&self.cfg.name, "moved");
         }
         // Commands that may run unauthenticated are not subject to ACL rules (as in Redis).
         match info.name.as_str() {

@@ -431,6 +431,7 @@ impl Session {
                 self.pin_wanted = false;
                 self.pinned = true;
                 self.mux = None;
+                self.shared.metrics.redis_multiplex(&self.cfg.name, "moved");
                 if let Err(outcome) = self.handle_requests(&mut client, &mut cbuf, &mut up).await {
                     return outcome;
                 }
