@@ -288,3 +288,24 @@ async fn a_client_that_does_not_read_neither_grows_memory_nor_stalls_the_others(
     }
     panic!("still charged: {}", p.running.shared().request_memory.used());
 }
+
+/// A client reading many large replies slowly is slowed down, not refused, while the budget
+/// has room (here 96 MiB; a client's share when memory is short is 24 MiB): 40 MiB of replies
+/// asked for in one pipeline, more than the sockets hold, read after a pause.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_reader_of_large_replies_is_not_refused_while_there_is_room() {
+    let p = redis_proxy("[limits]\nmax_buffered_bytes = 100663296\n", MUX).await;
+    let mut admin = RawRedis::direct_as("portcullis", &redis().password).await;
+    let big = "g".repeat(1 << 20);
+    assert_eq!(admin.call(&["SET", "mxs:big", &big]).await, b"+OK\r\n");
+    let mut c = login(p.redis_port()).await;
+    let get = cmd(&["GET", "mxs:big"]);
+    let pipe: Vec<u8> = get.iter().copied().cycle().take(get.len() * 40).collect();
+    c.send_raw(&pipe).await;
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    let want = format!("${}\r\n", big.len()).len() + big.len() + 2;
+    for i in 0..40 {
+        assert_eq!(c.read(false).await.len(), want, "reply {i}, whole");
+    }
+    assert_eq!(c.call(&["PING"]).await, b"+PONG\r\n");
+}

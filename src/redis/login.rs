@@ -210,8 +210,7 @@ impl Session {
             None => match self.connect_upstream(creds).await {
                 Ok(io) => {
                     self.shared.metrics.redis_multiplex(&self.cfg.name, "opened");
-                    let limit = self.shared.config().limits.max_buffered_bytes;
-                    self.l.mux.start(&upstream, creds.clone(), io, self.shared.request_memory.clone(), limit)
+                    self.l.mux.start(&upstream, creds.clone(), io, self.shared.clone())
                 }
                 Err(_) => return false,
             },

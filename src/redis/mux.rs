@@ -49,6 +49,9 @@ impl Client {
 /// whole budget): a client that does not read cannot take the budget from the others.
 const CLIENT_WAITING_MAX: u64 = 64 * 1024 * 1024;
 
+/// Replies smaller than this are copied out of the read buffer when handed over.
+const COPY_BELOW: usize = 16 * 1024;
+
 /// The charge of delivered replies: the process-wide budget and the client's share.
 pub(super) struct Charge {
     _global: Held,
@@ -91,13 +94,15 @@ pub(super) struct Link {
 /// reading its further requests (per-client flow control, as a dedicated connection's socket
 /// buffers give; the batch that crosses it still goes).
 pub(super) const INFLIGHT_MAX: usize = 256 * 1024;
+/// Reply bytes waiting for a client beyond which its further requests are not read.
+const REPLIES_WAITING_MAX: usize = 1024 * 1024;
 
 impl Link {
     /// Queues a batch. False when the shared connection is gone (nothing was sent).
     pub(super) fn send(&mut self, bytes: Bytes, frames: u32) -> bool {
         let len = bytes.len();
         let ok = self.jobs.send(Job { bytes, frames, reply: self.client.clone() }).is_ok();
-        if ok {
+        if ok && frames > 0 {
             self.outstanding += u64::from(frames);
             self.inflight.push_back((frames, len));
             self.inflight_bytes += len;
@@ -120,9 +125,10 @@ impl Link {
         }
     }
 
-    /// False while this client has too much unanswered on the shared connection.
+    /// False while this client has too much unanswered on the shared connection, or too many
+    /// replies waiting for it to take them.
     pub(super) fn may_send(&self) -> bool {
-        self.inflight_bytes < INFLIGHT_MAX
+        self.inflight_bytes < INFLIGHT_MAX && self.client.waiting.load(Relaxed) < REPLIES_WAITING_MAX
     }
 
     /// The next delivery (`Failed` if the shared connection's task is gone without a word).
@@ -160,16 +166,9 @@ impl MuxPool {
     }
 
     /// Starts a shared connection over `io` (logged in with `creds`) and links to it.
-    pub(super) fn start(
-        &self,
-        upstream: &str,
-        creds: Creds,
-        io: Stream,
-        memory: Arc<RequestMemory>,
-        limit: u64,
-    ) -> Link {
+    pub(super) fn start(&self, upstream: &str, creds: Creds, io: Stream, shared: Arc<crate::app::Shared>) -> Link {
         let (tx, rx) = mpsc::unbounded_channel();
-        tokio::spawn(run(io, rx, memory, limit));
+        tokio::spawn(run(io, rx, shared));
         let mut conns = self.conns.lock().unwrap_or_else(|p| p.into_inner());
         conns.retain(|(_, _, w)| w.strong_count() > 0);
         conns.push((upstream.to_string(), creds, tx.downgrade()));
@@ -203,7 +202,8 @@ const READ_MIN: usize = 16 * 1024;
 const READ_MAX: usize = 256 * 1024;
 
 /// The shared connection's task: ends when the upstream fails or no client links to it.
-async fn run(mut io: Stream, mut jobs: mpsc::UnboundedReceiver<Job>, memory: Arc<RequestMemory>, limit: u64) {
+async fn run(mut io: Stream, mut jobs: mpsc::UnboundedReceiver<Job>, shared: Arc<crate::app::Shared>) {
+    let memory = shared.request_memory.clone();
     let mut waiting: VecDeque<Waiting> = VecDeque::new();
     let mut buf = BytesMut::with_capacity(READ_MIN);
     let mut scanner = Scanner::default();
@@ -287,6 +287,7 @@ async fn run(mut io: Stream, mut jobs: mpsc::UnboundedReceiver<Job>, memory: Arc
                 if n >= want / 2 {
                     want = (want * 2).min(READ_MAX);
                 }
+                let limit = shared.config().limits.max_buffered_bytes;
                 if !deliver(&mut buf, &mut scanner, &mut waiting, &memory, limit, &mut writes) {
                     tracing::warn!("unparseable reply on a shared upstream connection");
                     break true;
@@ -380,8 +381,15 @@ fn hand(w: Waiting, chunk: Bytes, memory: &Arc<RequestMemory>, limit: u64) {
     }
     let n = chunk.len();
     let before = c.waiting.fetch_add(n, Relaxed);
+    // A client's share only counts when memory is short: a client reading slowly is slowed
+    // down (flow control), not refused, while there is room.
     let share = (limit / 4).min(CLIENT_WAITING_MAX);
-    let charge = if before > 0 && (before + n) as u64 > share { None } else { Held::whole(memory.clone(), n, limit) };
+    let short = memory.used() > limit / 2;
+    let charge =
+        if short && before > 0 && (before + n) as u64 > share { None } else { Held::whole(memory.clone(), n, limit) };
+    // A small piece gets its own allocation rather than keep the whole read buffer alive while
+    // it waits.
+    let chunk = if n < COPY_BELOW { Bytes::copy_from_slice(&chunk) } else { chunk };
     match charge {
         Some(g) => c.send(Delivery::Replies {
             bytes: chunk,
