@@ -309,3 +309,49 @@ async fn a_slow_reader_of_large_replies_is_not_refused_while_there_is_room() {
     }
     assert_eq!(c.call(&["PING"]).await, b"+PONG\r\n");
 }
+
+/// HELLO without SETNAME keeps a client on shared connections, of the protocol it asks for
+/// (the reply is the shared connection's own HELLO reply); when a RESP3 client moves to its
+/// own connection, that one speaks RESP3 too; HELLO … SETNAME gets a connection of its own.
+#[tokio::test]
+async fn hello_clients_share_connections_of_their_protocol() {
+    let r = RedisInstance::start(Some(std::process::id()), None).expect("redis-server starts");
+    let p = redis_proxy_for(&r, "", MUX).await;
+    let mut two = login(p.redis_port()).await;
+    let mut three = RawRedis::proxy(p.redis_port()).await;
+    three.send(&["HELLO", "3", "AUTH", "app", REDIS_APP_PW]).await;
+    let hello_a = three.read(true).await;
+    assert!(hello_a.starts_with(b"%7\r\n"), "{}", String::from_utf8_lossy(&hello_a));
+    assert!(String::from_utf8_lossy(&hello_a).contains("$5\r\nproto\r\n:3\r\n"));
+    let mut three_b = login(p.redis_port()).await;
+    three_b.send(&["HELLO", "3"]).await;
+    assert_eq!(three_b.read(true).await, hello_a, "the same shared connection's reply");
+    assert_eq!(two.call(&["GET", "nothing"]).await, b"$-1\r\n");
+    three.send(&["HGETALL", "nothing"]).await;
+    assert_eq!(three.read(true).await, b"%0\r\n", "RESP3 map");
+    three_b.send(&["GET", "nothing"]).await;
+    assert_eq!(three_b.read(true).await, b"_\r\n", "RESP3 null");
+    assert_eq!(two.call(&["HGETALL", "nothing"]).await, b"*0\r\n", "RESP2 array");
+    assert_eq!(upstream_conns(&r).await, 2, "one shared connection per protocol");
+    // a RESP3 client moving to its own connection keeps RESP3
+    let mut pipe = Vec::new();
+    for args in [&["MULTI"][..], &["HGETALL", "nothing"], &["EXEC"]] {
+        pipe.extend(cmd(args));
+    }
+    three.send_raw(&pipe).await;
+    assert_eq!(three.read(true).await, b"+OK\r\n");
+    assert_eq!(three.read(true).await, b"+QUEUED\r\n");
+    assert_eq!(three.read(true).await, b"*1\r\n%0\r\n");
+    assert_eq!(upstream_conns(&r).await, 3);
+    // HELLO 2 on the RESP2 client: its shared connection's reply
+    two.send(&["HELLO", "2"]).await;
+    let hello_two = two.read(false).await;
+    assert!(hello_two.starts_with(b"*14\r\n"), "{}", String::from_utf8_lossy(&hello_two));
+    // HELLO … SETNAME names a connection of its own
+    let mut named = RawRedis::proxy(p.redis_port()).await;
+    named.send(&["HELLO", "3", "AUTH", "app", REDIS_APP_PW, "SETNAME", "mine"]).await;
+    assert!(named.read(true).await.starts_with(b"%7\r\n"));
+    named.send(&["CLIENT", "GETNAME"]).await;
+    assert_eq!(named.read(true).await, b"$4\r\nmine\r\n");
+    assert_eq!(upstream_conns(&r).await, 4);
+}

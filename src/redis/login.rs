@@ -8,7 +8,7 @@ use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 
 use super::codec::{self, frame_reply};
-use super::command::{CommandTable, cstr_lower};
+use super::command::{CommandTable, cstr_eq, cstr_lower};
 use super::replies::{Effect, Slot};
 use super::session::{Identity, Piece, Session, error_line};
 use crate::audit::Event;
@@ -103,11 +103,13 @@ impl Session {
     }
 
     /// Opens the upstream connection and logs in with `creds` (before any client traffic);
-    /// fetches the upstream's command table while the built-in one is in use.
+    /// fetches the upstream's command table while the built-in one is in use; with `hello`,
+    /// switches it to that protocol version and returns HELLO's reply.
     pub(super) async fn connect_upstream(
         &mut self,
         creds: &(Option<String>, Option<SecretRef>),
-    ) -> Result<Stream, UpstreamError> {
+        hello: Option<u8>,
+    ) -> Result<(Stream, Option<Bytes>), UpstreamError> {
         let limit = self.shared.config().limits.upstream_connect_timeout;
         let t = Instant::now();
         let res = tokio::time::timeout(limit, async {
@@ -125,7 +127,7 @@ impl Session {
                 loop {
                     io.write_all(&auth_line(user.as_deref(), &pw)).await.map_err(UpstreamError::Connect)?;
                     io.flush().await.map_err(UpstreamError::Connect)?;
-                    let reply = read_one_reply(&mut io, &mut buf).await?;
+                    let reply = read_one_reply(&mut io, &mut buf, false).await?;
                     if reply.as_ref() == OK {
                         break;
                     }
@@ -145,7 +147,7 @@ impl Session {
             if self.commands.fallback {
                 io.write_all(b"*1\r\n$7\r\nCOMMAND\r\n").await.map_err(UpstreamError::Connect)?;
                 io.flush().await.map_err(UpstreamError::Connect)?;
-                let reply = read_one_reply(&mut io, &mut buf).await?;
+                let reply = read_one_reply(&mut io, &mut buf, false).await?;
                 match CommandTable::from_reply(&reply) {
                     Some(t) => {
                         self.l.set_commands(t);
@@ -154,7 +156,18 @@ impl Session {
                     None => tracing::warn!("upstream COMMAND reply unusable; keeping the built-in command table"),
                 }
             }
-            Ok(io)
+            let mut hello_reply = None;
+            if let Some(v) = hello {
+                let cmd = codec::encode_command(&[b"HELLO", v.to_string().as_bytes()]);
+                io.write_all(&cmd).await.map_err(UpstreamError::Connect)?;
+                io.flush().await.map_err(UpstreamError::Connect)?;
+                let reply = read_one_reply(&mut io, &mut buf, v == 3).await?;
+                if matches!(reply.first(), Some(b'-' | b'!')) {
+                    return Err(UpstreamError::Refused(String::from_utf8_lossy(&reply).trim_end().to_string()));
+                }
+                hello_reply = Some(reply);
+            }
+            Ok((io, hello_reply))
         })
         .await
         .unwrap_or(Err(UpstreamError::Timeout(limit)));
@@ -173,8 +186,10 @@ impl Session {
             return true;
         }
         let creds = self.identity.as_ref().map(|i| i.upstream_creds()).unwrap_or_default();
-        match self.connect_upstream(&creds).await {
-            Ok(io) => {
+        // a client that speaks RESP3 (it moved off a RESP3 shared connection) keeps speaking it
+        let hello = self.replies.resp3.then_some(3);
+        match self.connect_upstream(&creds, hello).await {
+            Ok((io, _)) => {
                 *up = Some(io);
                 self.upstream_creds = Some(creds);
                 true
@@ -192,25 +207,29 @@ impl Session {
     /// when it cannot be reached, or when the link in use has died with replies still owed (the
     /// session learns of that from the link).
     pub(super) async fn ensure_mux(&mut self, creds: &(Option<String>, Option<SecretRef>)) -> bool {
+        // shared connections speak the protocol their clients asked for (HELLO 2 or 3)
+        let proto = if self.replies.resp3 { 3 } else { 2 };
         if let Some(m) = &self.mux {
+            let same = self.upstream_creds.as_ref() == Some(creds) && m.proto == proto;
             if m.outstanding > 0 {
-                return m.alive() && self.upstream_creds.as_ref() == Some(creds);
+                return m.alive() && same;
             }
-            if m.alive() && self.upstream_creds.as_ref() == Some(creds) {
+            if m.alive() && same {
                 return true;
             }
         }
         self.mux = None;
         let upstream = self.cfg.upstream.clone();
-        let link = match self.l.mux.link(&upstream, creds) {
+        let link = match self.l.mux.link(&upstream, creds, proto) {
             Some(l) => {
                 self.shared.metrics.redis_multiplex(&self.cfg.name, "joined");
                 l
             }
-            None => match self.connect_upstream(creds).await {
-                Ok(io) => {
+            None => match self.connect_upstream(creds, Some(proto)).await {
+                Ok((io, hello)) => {
                     self.shared.metrics.redis_multiplex(&self.cfg.name, "opened");
-                    self.l.mux.start(&upstream, creds.clone(), io, self.shared.clone())
+                    let hello = hello.unwrap_or_default();
+                    self.l.mux.start(&upstream, creds.clone(), proto, hello, io, self.shared.clone())
                 }
                 Err(_) => return false,
             },
@@ -235,8 +254,9 @@ impl Session {
             let reachable = if self.sharing() {
                 self.ensure_mux(&creds).await
             } else {
-                match self.connect_upstream(&creds).await {
-                    Ok(io) => {
+                let hello = self.replies.resp3.then_some(3);
+                match self.connect_upstream(&creds, hello).await {
+                    Ok((io, _)) => {
                         *up = Some(io);
                         true
                     }
@@ -365,6 +385,23 @@ impl Session {
             self.local(Bytes::from_static(NOAUTH_HELLO));
             return;
         }
+        if self.sharing() && setname.is_none() {
+            // On a shared connection HELLO is answered by the proxy, with the shared connection's
+            // own HELLO reply for the protocol asked for (its id is the shared connection's).
+            let was = self.replies.resp3;
+            if let Some(v) = ver {
+                self.replies.resp3 = v == 3;
+            }
+            let creds = self.identity.as_ref().map(|i| i.upstream_creds()).unwrap_or_default();
+            if !self.ensure_mux(&creds).await {
+                self.replies.resp3 = was;
+                self.local(Bytes::from_static(UPSTREAM_DOWN));
+                return;
+            }
+            let reply = self.mux.as_ref().map(|m| m.hello.clone()).unwrap_or_default();
+            self.local(reply);
+            return;
+        }
         let mut cmd: Vec<&[u8]> = vec![b"HELLO"];
         let v = ver.map(|v| v.to_string());
         if let Some(v) = &v {
@@ -384,6 +421,11 @@ impl Session {
     }
 }
 
+/// True when a HELLO names the connection (`SETNAME`): that needs a connection of its own.
+pub(super) fn hello_sets_name(args: &[Bytes]) -> bool {
+    args.iter().skip(2).any(|a| cstr_eq(a, b"setname"))
+}
+
 /// The AUTH command for `creds` (None when there is no password to send).
 fn auth_command(creds: &(Option<String>, Option<SecretRef>)) -> Result<Option<Vec<u8>>, String> {
     let Some(pw) = &creds.1 else { return Ok(None) };
@@ -398,9 +440,13 @@ fn auth_line(user: Option<&str>, pw: &crate::config::Secret) -> Vec<u8> {
 }
 
 /// Reads exactly one reply (RESP2) during the proxy's own login exchange.
-async fn read_one_reply<S: AsyncRead + Unpin>(io: &mut S, buf: &mut BytesMut) -> Result<Bytes, UpstreamError> {
+async fn read_one_reply<S: AsyncRead + Unpin>(
+    io: &mut S,
+    buf: &mut BytesMut,
+    resp3: bool,
+) -> Result<Bytes, UpstreamError> {
     loop {
-        if let Some((len, _)) = frame_reply(buf, false).map_err(UpstreamError::Protocol)? {
+        if let Some((len, _)) = frame_reply(buf, resp3).map_err(UpstreamError::Protocol)? {
             return Ok(buf.split_to(len).freeze());
         }
         buf.reserve(64 * 1024);

@@ -88,6 +88,9 @@ pub(super) struct Link {
     inflight: VecDeque<(u32, usize)>,
     /// Request bytes of those batches.
     inflight_bytes: usize,
+    /// The shared connection's protocol (2 or 3) and its own reply to `HELLO <proto>`.
+    pub(super) proto: u8,
+    pub(super) hello: Bytes,
 }
 
 /// Request bytes a client may have on a shared connection, unanswered, before the proxy stops
@@ -148,38 +151,58 @@ impl Link {
 
 type Creds = (Option<String>, Option<SecretRef>);
 
+/// A shared connection: upstream, credentials, protocol, its HELLO reply, its task's queue.
+#[derive(Debug)]
+struct Entry {
+    upstream: String,
+    creds: Creds,
+    proto: u8,
+    hello: Bytes,
+    jobs: mpsc::WeakUnboundedSender<Job>,
+}
+
 /// The listener's shared connections, by upstream address and credentials.
 #[derive(Debug, Default)]
 pub struct MuxPool {
-    conns: Mutex<Vec<(String, Creds, mpsc::WeakUnboundedSender<Job>)>>,
+    conns: Mutex<Vec<Entry>>,
 }
 
 impl MuxPool {
-    /// A link to the live shared connection for `upstream` and `creds`, if there is one.
-    pub(super) fn link(&self, upstream: &str, creds: &Creds) -> Option<Link> {
+    /// A link to the live shared connection for `upstream`, `creds` and protocol `proto`, if
+    /// there is one.
+    pub(super) fn link(&self, upstream: &str, creds: &Creds, proto: u8) -> Option<Link> {
         let mut conns = self.conns.lock().unwrap_or_else(|p| p.into_inner());
-        conns.retain(|(_, _, w)| w.strong_count() > 0);
         // A connection whose task has ended is never handed out (idle links may still hold it).
-        conns.retain(|(_, _, w)| w.upgrade().is_some_and(|tx| !tx.is_closed()));
-        let jobs = conns.iter().find(|(u, c, _)| u == upstream && c == creds).and_then(|(_, _, w)| w.upgrade())?;
-        (!jobs.is_closed()).then(|| new_link(jobs))
+        conns.retain(|e| e.jobs.upgrade().is_some_and(|tx| !tx.is_closed()));
+        let e = conns.iter().find(|e| e.upstream == upstream && &e.creds == creds && e.proto == proto)?;
+        let jobs = e.jobs.upgrade()?;
+        (!jobs.is_closed()).then(|| new_link(jobs, proto, e.hello.clone()))
     }
 
-    /// Starts a shared connection over `io` (logged in with `creds`) and links to it.
-    pub(super) fn start(&self, upstream: &str, creds: Creds, io: Stream, shared: Arc<crate::app::Shared>) -> Link {
+    /// Starts a shared connection over `io` (logged in with `creds`, speaking `proto`, whose
+    /// HELLO reply was `hello`) and links to it.
+    pub(super) fn start(
+        &self,
+        upstream: &str,
+        creds: Creds,
+        proto: u8,
+        hello: Bytes,
+        io: Stream,
+        shared: Arc<crate::app::Shared>,
+    ) -> Link {
         let (tx, rx) = mpsc::unbounded_channel();
         tokio::spawn(run(io, rx, shared));
         let mut conns = self.conns.lock().unwrap_or_else(|p| p.into_inner());
-        conns.retain(|(_, _, w)| w.strong_count() > 0);
-        conns.push((upstream.to_string(), creds, tx.downgrade()));
-        new_link(tx)
+        conns.retain(|e| e.jobs.strong_count() > 0);
+        conns.push(Entry { upstream: upstream.to_string(), creds, proto, hello: hello.clone(), jobs: tx.downgrade() });
+        new_link(tx, proto, hello)
     }
 }
 
-fn new_link(jobs: mpsc::UnboundedSender<Job>) -> Link {
+fn new_link(jobs: mpsc::UnboundedSender<Job>, proto: u8, hello: Bytes) -> Link {
     let (tx, rx) = mpsc::unbounded_channel();
     let client = Arc::new(Client { tx, waiting: AtomicUsize::new(0), refused: AtomicBool::new(false) });
-    Link { jobs, client, rx, outstanding: 0, inflight: VecDeque::new(), inflight_bytes: 0 }
+    Link { jobs, client, rx, outstanding: 0, inflight: VecDeque::new(), inflight_bytes: 0, proto, hello }
 }
 
 /// A job whose replies are being read.

@@ -135,8 +135,9 @@ impl Session {
         match info.name.as_str() {
             "auth" => self.handle_auth(args, up, pieces).await,
             "hello" => {
-                // HELLO sets the protocol of the connection: its own, never a shared one.
-                if self.multiplex && !self.pinned {
+                // HELLO … SETNAME names the connection: its own, never a shared one. (Without it,
+                // a shared connection of the protocol asked for will do.)
+                if self.multiplex && !self.pinned && super::login::hello_sets_name(args) {
                     self.pinned = true;
                     self.shared.metrics.redis_multiplex(&self.cfg.name, "moved");
                 }
@@ -171,7 +172,12 @@ impl Session {
             self.local_error(error_line(&format!("-ERR wrong number of arguments for '{}' command", info.name)));
             return false;
         }
-        if self.sharing() && info.own_connection {
+        // HELLO without SETNAME, first in a batch with nothing owed, switches shared connections.
+        let hello_shared = info.name == "hello"
+            && !super::login::hello_sets_name(args)
+            && pieces.is_empty()
+            && self.mux.as_ref().is_none_or(|m| m.outstanding == 0);
+        if self.sharing() && info.own_connection && !hello_shared {
             // This client moves to a connection of its own: at once when the shared one owes
             // it nothing, else once every shared reply is in (this request and the rest wait,
             // unparsed; what this batch has for the shared connection goes first).
