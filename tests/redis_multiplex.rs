@@ -317,10 +317,12 @@ async fn a_slow_reader_of_large_replies_is_not_refused_while_there_is_room() {
 async fn hello_clients_share_connections_of_their_protocol() {
     let r = RedisInstance::start(Some(std::process::id()), None).expect("redis-server starts");
     let p = redis_proxy_for(&r, "", MUX).await;
-    let mut two = login(p.redis_port()).await;
     let mut three = RawRedis::proxy(p.redis_port()).await;
     three.send(&["HELLO", "3", "AUTH", "app", REDIS_APP_PW]).await;
     let hello_a = three.read(true).await;
+    let opened = "portcullis_redis_multiplex_total{event=\"opened\",listener=\"cache\"} 1\n";
+    assert!(p.metrics().contains(opened), "HELLO 3 AUTH opens the RESP3 connection only\n{}", p.metrics());
+    let mut two = login(p.redis_port()).await;
     assert!(hello_a.starts_with(b"%7\r\n"), "{}", String::from_utf8_lossy(&hello_a));
     assert!(String::from_utf8_lossy(&hello_a).contains("$5\r\nproto\r\n:3\r\n"));
     let mut three_b = login(p.redis_port()).await;

@@ -162,7 +162,9 @@ impl Session {
                 io.write_all(&cmd).await.map_err(UpstreamError::Connect)?;
                 io.flush().await.map_err(UpstreamError::Connect)?;
                 let reply = read_one_reply(&mut io, &mut buf, v == 3).await?;
-                if matches!(reply.first(), Some(b'-' | b'!')) {
+                // A server without HELLO still serves RESP2: its refusal is what a client's own
+                // HELLO 2 would get. Without RESP3 there is no RESP3 connection.
+                if v == 3 && matches!(reply.first(), Some(b'-' | b'!')) {
                     return Err(UpstreamError::Refused(String::from_utf8_lossy(&reply).trim_end().to_string()));
                 }
                 hello_reply = Some(reply);
@@ -350,6 +352,14 @@ impl Session {
                 Some(v) => ver = Some(v as u8),
             }
         }
+        // Sharing (no SETNAME, or the route would have moved the client to its own connection):
+        // the protocol asked for is settled first, so that an AUTH in it links straight to the
+        // shared connection of that protocol; restored if the HELLO fails.
+        let was_resp3 = self.replies.resp3;
+        let sharing = self.sharing();
+        if sharing && let Some(v) = ver {
+            self.replies.resp3 = v == 3;
+        }
         let mut setname: Option<Bytes> = None;
         let mut j = 2;
         while j < args.len() {
@@ -359,10 +369,12 @@ impl Session {
                 match self.authenticate(&args[j + 1], &args[j + 2]).await {
                     Ok(id) => {
                         if !self.become_user(id, up, pieces, false).await {
+                            self.replies.resp3 = was_resp3;
                             return;
                         }
                     }
                     Err(reply) => {
+                        self.replies.resp3 = was_resp3;
                         self.local(reply);
                         return;
                     }
@@ -370,6 +382,7 @@ impl Session {
                 j += 3;
             } else if opt == "setname" && more >= 1 {
                 if !valid_client_name(&args[j + 1]) {
+                    self.replies.resp3 = was_resp3;
                     self.local(error_line("-ERR Client names cannot contain spaces, newlines or special characters."));
                     return;
                 }
@@ -377,24 +390,22 @@ impl Session {
                 j += 2;
             } else {
                 let shown = super::session::sanitize(&args[j]);
+                self.replies.resp3 = was_resp3;
                 self.local(error_line(&format!("-ERR Syntax error in HELLO option '{shown}'")));
                 return;
             }
         }
         if self.identity.is_none() {
+            self.replies.resp3 = was_resp3;
             self.local(Bytes::from_static(NOAUTH_HELLO));
             return;
         }
-        if self.sharing() && setname.is_none() {
+        if sharing && setname.is_none() {
             // On a shared connection HELLO is answered by the proxy, with the shared connection's
             // own HELLO reply for the protocol asked for (its id is the shared connection's).
-            let was = self.replies.resp3;
-            if let Some(v) = ver {
-                self.replies.resp3 = v == 3;
-            }
             let creds = self.identity.as_ref().map(|i| i.upstream_creds()).unwrap_or_default();
             if !self.ensure_mux(&creds).await {
-                self.replies.resp3 = was;
+                self.replies.resp3 = was_resp3;
                 self.local(Bytes::from_static(UPSTREAM_DOWN));
                 return;
             }

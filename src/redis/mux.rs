@@ -8,7 +8,8 @@
 //! Only stateless commands are shared: a client that sends one that needs a connection of its
 //! own (`CommandInfo::own_connection`) first gets every shared reply it is owed, then gets a
 //! dedicated connection for the rest of its session (`session.rs`). Shared connections are
-//! RESP2 on database 0, and close when the last client using them goes.
+//! per protocol (RESP2 or RESP3, chosen by the clients' HELLO), on database 0, and close when
+//! the last client using them goes.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::Relaxed};
