@@ -378,7 +378,7 @@ fn deliver(
                 if w.ends_write {
                     *writes -= 1;
                 }
-                hand(w, chunk, memory, limit);
+                hand(&w.reply, w.ready, chunk, memory, limit);
             }
         }
     }
@@ -388,18 +388,16 @@ fn deliver(
     {
         let chunk = buf.split_to(end_of_ready).freeze();
         scanner.consumed(end_of_ready);
-        let part = Waiting { ends_write: false, frames_left: 0, ready: w.ready, reply: w.reply.clone() };
+        hand(&w.reply, w.ready, chunk, memory, limit);
         w.ready = 0;
-        hand(part, chunk, memory, limit);
     }
     true
 }
 
-/// Sends complete replies to their client, charged to the budget while they wait there.
-fn hand(w: Waiting, chunk: Bytes, memory: &Arc<RequestMemory>, limit: u64) {
+/// Sends `frames` complete replies to client `c`, charged to the budget while they wait there.
+fn hand(c: &Arc<Client>, frames: u32, chunk: Bytes, memory: &Arc<RequestMemory>, limit: u64) {
     // Every byte waiting for its client is charged (a client that does not read cannot pile
     // up replies beyond the budget, nor beyond its share of it once something waits).
-    let c = &w.reply;
     if c.refused.load(Relaxed) {
         return;
     }
@@ -415,11 +413,9 @@ fn hand(w: Waiting, chunk: Bytes, memory: &Arc<RequestMemory>, limit: u64) {
     // it waits.
     let chunk = if n < COPY_BELOW { Bytes::copy_from_slice(&chunk) } else { chunk };
     match charge {
-        Some(g) => c.send(Delivery::Replies {
-            bytes: chunk,
-            frames: w.ready,
-            charge: Charge { _global: g, client: c.clone(), n },
-        }),
+        Some(g) => {
+            c.send(Delivery::Replies { bytes: chunk, frames, charge: Charge { _global: g, client: c.clone(), n } })
+        }
         None => {
             c.waiting.fetch_sub(n, Relaxed);
             c.refused.store(true, Relaxed);
