@@ -9,7 +9,8 @@
 //! `cargo bench --bench e2e` (apt-get install -y stunnel4 haproxy pgbouncer for the comparison
 //! columns). Knobs: E2E_ROUNDS, E2E_REDIS_REQUESTS (default 200000), E2E_PG_SECONDS (default 5),
 //! E2E_IDLE_CONNECTIONS (default 10000, or what the open-files hard limit allows), E2E_ONLY (comma list: redis,latency,pg,pgconnect,idle),
-//! E2E_BIN (another portcullis binary, to compare builds).
+//! E2E_BIN (another portcullis binary, to compare builds), E2E_TARGETS (comma list of column
+//! names, e.g. native-tls,portcullis-pool, to run only those and the direct baseline: for profiling).
 //! No assertions: timings never go in tests.
 
 #[path = "../tests/support/mod.rs"]
@@ -456,6 +457,9 @@ fn main() {
         pw: REDIS_APP_PW.into(),
         pid: Some(proxy.child.id()),
     });
+    let targets = env_or("E2E_TARGETS", "");
+    let wanted = |name: &str| targets.is_empty() || targets.split(',').any(|t| t == name);
+    redis_targets.retain(|t| t.name == "direct" || wanted(t.name));
     let mut s = Samples::default();
     let mut cpu = Samples::default();
     for round in 0..rounds {
@@ -493,6 +497,7 @@ fn main() {
         }
         pg_targets.push(("portcullis", proxy_pg, "app", APP_PASSWORD, Some(proxy.child.id())));
         pg_targets.push(("portcullis-pool", proxy_pool, "app", APP_PASSWORD, Some(proxy.child.id())));
+        pg_targets.retain(|t| t.0 == "direct-tls" || wanted(t.0));
         for (kind, args) in [
             ("pg", vec!["-S", "-n", "-c", "8", "-j", "2", "-T", secs.as_str()]),
             ("pgconnect", vec!["-S", "-n", "-C", "-c", "8", "-j", "2", "-T", secs.as_str()]),
