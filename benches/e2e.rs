@@ -10,7 +10,8 @@
 //! columns). Knobs: E2E_ROUNDS, E2E_REDIS_REQUESTS (default 200000), E2E_PG_SECONDS (default 5),
 //! E2E_IDLE_CONNECTIONS (default 10000, or what the open-files hard limit allows), E2E_ONLY (comma list: redis,latency,pg,pgconnect,idle),
 //! E2E_BIN (another portcullis binary, to compare builds), E2E_TARGETS (comma list of column
-//! names, e.g. native-tls,portcullis-pool, to run only those and the direct baseline: for profiling).
+//! names, e.g. native-tls,portcullis-pool, to run only those and the direct baseline: for profiling),
+//! E2E_PIPELINE (the redis-benchmark -P depths of the throughput rows, default 16,1).
 //! No assertions: timings never go in tests.
 
 #[path = "../tests/support/mod.rs"]
@@ -458,6 +459,7 @@ fn main() {
         pid: Some(proxy.child.id()),
     });
     let targets = env_or("E2E_TARGETS", "");
+    let depths = env_or("E2E_PIPELINE", "16,1");
     let wanted = |name: &str| targets.is_empty() || targets.split(',').any(|t| t == name);
     redis_targets.retain(|t| t.name == "direct" || wanted(t.name));
     let mut s = Samples::default();
@@ -466,6 +468,9 @@ fn main() {
         eprintln!("round {}/{rounds}", round + 1);
         if run("redis") {
             for (label, p) in [("P16", "16"), ("P1", "1")] {
+                if !depths.split(',').any(|d| d == p) {
+                    continue;
+                }
                 for t in &redis_targets {
                     let c0 = t.pid.map(cpu_seconds);
                     let res = redis_benchmark(t, &["-t", "get,set", "-c", "50", "-d", "64", "-P", p, "-n", &n]);

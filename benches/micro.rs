@@ -62,11 +62,11 @@ fn resp(c: &mut Criterion) {
         })
     });
     g.finish();
-    let args: Vec<Bytes> = ["SET", "key:000000000001", "v"].iter().map(|s| Bytes::from(s.to_string())).collect();
+    let args: Vec<&[u8]> = vec![b"SET", b"key:000000000001", b"v"];
     let Lookup::Command(set) = table.resolve(&args) else { panic!("SET is known") };
     c.bench_function("policy decision (SET, key patterns)", |b| {
         b.iter(|| {
-            matches!(rules.decide(&set.acl_ref(None), &Keys::Known(vec![black_box(&args[1][..])])), Decision::Allow(_))
+            matches!(rules.decide(&set.acl_ref(None), &Keys::Known(vec![black_box(args[1])])), Decision::Allow(_))
         })
     });
     let ttl = vec![portcullis::config::TtlRule {

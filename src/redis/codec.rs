@@ -6,8 +6,6 @@
 
 use std::ops::Range;
 
-use bytes::Bytes;
-
 /// Redis's PROTO_INLINE_MAX_SIZE: longest inline request / count line.
 pub const INLINE_MAX: usize = 64 * 1024;
 
@@ -56,21 +54,56 @@ pub struct ParsedRequest {
     pub raw: Range<usize>,
 }
 
-fn line_end(buf: &[u8], from: usize) -> Option<usize> {
-    buf[from..].windows(2).position(|w| w == b"\r\n").map(|p| from + p)
+pub(super) fn line_end(buf: &[u8], from: usize) -> Option<usize> {
+    // A plain loop: lines here are a few bytes long (memchr's setup costs more than it saves).
+    let mut i = from;
+    while i + 1 < buf.len() {
+        if buf[i] == b'\r' && buf[i + 1] == b'\n' {
+            return Some(i);
+        }
+        i += 1;
+    }
+    None
+}
+
+/// The value of ASCII decimal `digits` with the sign given, `None` on anything else or on
+/// overflow (no UTF-8 pass, no `str::parse`: this runs for every header of every frame).
+fn decimal(digits: &[u8], negative: bool) -> Option<i64> {
+    if digits.is_empty() {
+        return None;
+    }
+    let mut v: i64 = 0;
+    for &d in digits {
+        if !d.is_ascii_digit() {
+            return None;
+        }
+        let d = i64::from(d - b'0');
+        v = v.checked_mul(10)?;
+        v = if negative { v.checked_sub(d)? } else { v.checked_add(d)? };
+    }
+    Some(v)
 }
 
 /// Redis's `string2ll`: an optional '-', digits, no leading zeros, no '+', no spaces.
 pub fn strict_int(b: &[u8]) -> Option<i64> {
-    let digits = b.strip_prefix(b"-").unwrap_or(b);
-    let canonical = !digits.is_empty()
-        && digits.iter().all(u8::is_ascii_digit)
-        && (digits == b"0" || digits[0] != b'0')
-        && b != b"-0";
-    if !canonical {
+    let (negative, digits) = match b.strip_prefix(b"-") {
+        Some(d) => (true, d),
+        None => (false, b),
+    };
+    if (digits.len() > 1 && digits[0] == b'0') || b == b"-0" {
         return None;
     }
-    std::str::from_utf8(b).ok()?.parse().ok()
+    decimal(digits, negative)
+}
+
+/// What `str::parse::<i64>` accepts (an optional sign, leading zeros allowed): lengths in the
+/// upstream's replies.
+pub fn plain_int(b: &[u8]) -> Option<i64> {
+    match b.first() {
+        Some(b'-') => decimal(&b[1..], true),
+        Some(b'+') => decimal(&b[1..], false),
+        _ => decimal(b, false),
+    }
 }
 
 fn parse_int(b: &[u8]) -> Option<i64> {
@@ -290,14 +323,16 @@ pub fn split_args(line: &[u8]) -> Option<Vec<Vec<u8>>> {
 }
 
 /// Resolves a request's arguments against the frozen batch.
-pub fn resolve(batch: &Bytes, req: &ParsedRequest) -> Vec<Bytes> {
-    req.args
-        .iter()
-        .map(|a| match a {
-            ArgRef::Range(r) => batch.slice(r.clone()),
-            ArgRef::Owned(v) => Bytes::copy_from_slice(v),
-        })
-        .collect()
+pub fn resolve<'a>(batch: &'a [u8], req: &'a ParsedRequest) -> Vec<&'a [u8]> {
+    req.args.iter().map(|a| arg(batch, a)).collect()
+}
+
+/// One argument's bytes: a range of the batch, or the argument an inline request was split into.
+pub fn arg<'a>(batch: &'a [u8], a: &'a ArgRef) -> &'a [u8] {
+    match a {
+        ArgRef::Range(r) => &batch[r.clone()],
+        ArgRef::Owned(v) => v,
+    }
 }
 
 /// A RESP multibulk encoding of `args` (commands the proxy sends upstream itself).
@@ -365,6 +400,40 @@ pub fn frame_reply(buf: &[u8], resp3: bool) -> Result<Option<(usize, ReplyKind)>
 #[cfg(test)]
 mod tests {
     use super::*;
+    use bytes::Bytes;
+
+    #[test]
+    fn integers_parse_as_redis_and_std_do() {
+        let cases: &[&[u8]] = &[
+            b"0",
+            b"7",
+            b"-7",
+            b"+7",
+            b"007",
+            b"-0",
+            b"+0",
+            b"",
+            b"-",
+            b"+",
+            b"1 ",
+            b" 1",
+            b"1a",
+            b"--1",
+            b"9223372036854775807",
+            b"9223372036854775808",
+            b"-9223372036854775808",
+            b"-9223372036854775809",
+            b"99999999999999999999",
+            b"12\r",
+            "\u{664}".as_bytes(),
+        ];
+        for c in cases {
+            let std: Option<i64> = std::str::from_utf8(c).ok().and_then(|s| s.parse().ok());
+            assert_eq!(plain_int(c), std, "{:?}", String::from_utf8_lossy(c));
+            let canonical = !c.starts_with(b"+") && !c.starts_with(b"0") && !c.starts_with(b"-0") || *c == b"0";
+            assert_eq!(strict_int(c), std.filter(|_| canonical), "{:?}", String::from_utf8_lossy(c));
+        }
+    }
 
     fn parse_all(input: &[u8], unauth: bool) -> Result<Vec<Vec<Vec<u8>>>, ProtocolError> {
         let batch = Bytes::copy_from_slice(input);

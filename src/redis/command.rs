@@ -4,7 +4,6 @@
 
 use std::collections::HashMap;
 
-use bytes::Bytes;
 use redis_protocol::resp2::types::OwnedFrame;
 
 use crate::policy::redis_acl::{CommandRef, Keys};
@@ -79,7 +78,7 @@ impl CommandInfo {
 
     /// Keys this call may create or re-create (for the TTL policy), from the key specs' flags
     /// (OW, insert, update); None when they cannot be told.
-    pub fn written_keys<'a>(&self, args: &'a [Bytes]) -> Option<Vec<&'a [u8]>> {
+    pub fn written_keys<'a, A: AsRef<[u8]>>(&self, args: &'a [A]) -> Option<Vec<&'a [u8]>> {
         if !self.has_flag("write") {
             return Some(Vec::new());
         }
@@ -123,7 +122,7 @@ impl CommandInfo {
 
     /// The keys of a call `args` (args[0] is the command name), from the key specs, or the
     /// legacy (first, last, step) triple when there are none.
-    pub fn keys<'a>(&self, args: &'a [Bytes]) -> Keys<'a> {
+    pub fn keys<'a, A: AsRef<[u8]>>(&self, args: &'a [A]) -> Keys<'a> {
         let mut out: Vec<&'a [u8]> = Vec::new();
         let argc = args.len() as i64;
         if self.key_specs.is_empty() {
@@ -134,7 +133,7 @@ impl CommandInfo {
                 let last = if self.last_key < 0 { argc + self.last_key } else { self.last_key };
                 let mut i = self.first_key;
                 while i <= last && i < argc {
-                    out.push(&args[i as usize]);
+                    out.push(args[i as usize].as_ref());
                     i += self.step.max(1);
                 }
             }
@@ -152,7 +151,7 @@ impl CommandInfo {
                 BeginSearch::Keyword { keyword, startfrom } => {
                     // Commands compare keywords C-string style (up to a NUL), so do we; a keyword
                     // given twice is ambiguous (GEORADIUS uses the last STORE): unresolvable.
-                    let is_kw = |i: &i64| cstr_eq(&args[*i as usize], keyword.as_bytes());
+                    let is_kw = |i: &i64| cstr_eq(args[*i as usize].as_ref(), keyword.as_bytes());
                     let hits: Vec<i64> = if *startfrom >= 0 {
                         (*startfrom..argc).filter(is_kw).collect()
                     } else {
@@ -180,7 +179,7 @@ impl CommandInfo {
                     };
                     let mut i = start;
                     while i <= last && i < argc {
-                        out.push(&args[i as usize]);
+                        out.push(args[i as usize].as_ref());
                         i += step;
                     }
                 }
@@ -188,7 +187,7 @@ impl CommandInfo {
                     let idx = start + keynumidx;
                     let Some(n) = args
                         .get(idx as usize)
-                        .and_then(|a| std::str::from_utf8(a).ok())
+                        .and_then(|a| std::str::from_utf8(a.as_ref()).ok())
                         .and_then(|s| s.parse::<i64>().ok())
                     else {
                         return Keys::Unresolvable;
@@ -201,7 +200,7 @@ impl CommandInfo {
                     for k in 0..n {
                         let i = first + k * step;
                         match args.get(i as usize) {
-                            Some(a) => out.push(a),
+                            Some(a) => out.push(a.as_ref()),
                             None => return Keys::Unresolvable,
                         }
                     }
@@ -402,8 +401,8 @@ impl CommandTable {
     /// Resolves `args` (args[0] = name) to the command or, for containers, the subcommand.
     /// Names with a NUL byte are never commands (Redis's hash-then-strcasecmp lookup could
     /// otherwise alias them).
-    pub fn resolve(&self, args: &[Bytes]) -> Lookup<'_> {
-        let Some(first) = args.first() else { return Lookup::Unknown };
+    pub fn resolve<A: AsRef<[u8]>>(&self, args: &[A]) -> Lookup<'_> {
+        let Some(first) = args.first().map(AsRef::as_ref) else { return Lookup::Unknown };
         if first.contains(&0) {
             return Lookup::Unknown;
         }
@@ -414,7 +413,7 @@ impl CommandTable {
         if top.subcommands.is_empty() {
             return Lookup::Command(top);
         }
-        match args.get(1) {
+        match args.get(1).map(AsRef::as_ref) {
             None => Lookup::Command(top), // arity decides: "wrong number of arguments for 'client'"
             Some(sub) if sub.contains(&0) => Lookup::UnknownSubcommand(top),
             Some(sub) => match lower(sub, &mut buf).and_then(|n| top.subcommands.get(n.as_ref())) {
@@ -425,7 +424,7 @@ impl CommandTable {
     }
 
     /// The command or subcommand `args` names, if known.
-    pub fn lookup(&self, args: &[Bytes]) -> Option<&CommandInfo> {
+    pub fn lookup<A: AsRef<[u8]>>(&self, args: &[A]) -> Option<&CommandInfo> {
         match self.resolve(args) {
             Lookup::Command(c) => Some(c),
             _ => None,
@@ -460,6 +459,7 @@ impl CommandTable {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use bytes::Bytes;
 
     fn args(s: &str) -> Vec<Bytes> {
         s.split(' ').map(|a| Bytes::copy_from_slice(a.as_bytes())).collect()

@@ -205,6 +205,18 @@ impl Session {
         self.multiplex && !self.pinned
     }
 
+    /// True when the link in use is alive and right for the current identity and protocol: the
+    /// common case, checked without copying the credentials (`ensure_mux` does the rest).
+    pub(super) fn mux_ready(&self) -> bool {
+        let proto = if self.replies.resp3 { 3 } else { 2 };
+        match (&self.mux, &self.identity, &self.upstream_creds) {
+            (Some(m), Some(id), Some((user, pass))) => {
+                m.proto == proto && m.alive() && *user == id.up_user && *pass == id.up_pass
+            }
+            _ => false,
+        }
+    }
+
     /// Links to the shared upstream connection for `creds`, opening one if there is none. False
     /// when it cannot be reached, or when the link in use has died with replies still owed (the
     /// session learns of that from the link).
@@ -314,10 +326,10 @@ impl Session {
     }
 
     /// `AUTH [user] pass`.
-    pub(super) async fn handle_auth(&mut self, args: &[Bytes], up: &mut Option<Stream>, pieces: &mut Vec<Piece>) {
+    pub(super) async fn handle_auth(&mut self, args: &[&[u8]], up: &mut Option<Stream>, pieces: &mut Vec<Piece>) {
         let (user, pass): (&[u8], &[u8]) = match args.len() {
-            2 => (b"default", &args[1]),
-            3 => (&args[1], &args[2]),
+            2 => (b"default", args[1]),
+            3 => (args[1], args[2]),
             1 => {
                 self.local(error_line("-ERR wrong number of arguments for 'auth' command"));
                 return;
@@ -337,10 +349,10 @@ impl Session {
 
     /// `HELLO [protover [AUTH user pass] [SETNAME name]]`, options handled in order as Redis
     /// 7.0 does; forwarded without its AUTH part.
-    pub(super) async fn handle_hello(&mut self, args: &[Bytes], up: &mut Option<Stream>, pieces: &mut Vec<Piece>) {
+    pub(super) async fn handle_hello(&mut self, args: &[&[u8]], up: &mut Option<Stream>, pieces: &mut Vec<Piece>) {
         let mut ver: Option<u8> = None;
         if args.len() >= 2 {
-            match strict_int(&args[1]) {
+            match strict_int(args[1]) {
                 None => {
                     self.local(error_line("-ERR Protocol version is not an integer or out of range"));
                     return;
@@ -360,13 +372,13 @@ impl Session {
         if sharing && let Some(v) = ver {
             self.replies.resp3 = v == 3;
         }
-        let mut setname: Option<Bytes> = None;
+        let mut setname: Option<&[u8]> = None;
         let mut j = 2;
         while j < args.len() {
             let more = args.len() - 1 - j;
-            let opt = cstr_lower(&args[j]);
+            let opt = cstr_lower(args[j]);
             if opt == "auth" && more >= 2 {
-                match self.authenticate(&args[j + 1], &args[j + 2]).await {
+                match self.authenticate(args[j + 1], args[j + 2]).await {
                     Ok(id) => {
                         if !self.become_user(id, up, pieces, false).await {
                             self.replies.resp3 = was_resp3;
@@ -381,15 +393,15 @@ impl Session {
                 }
                 j += 3;
             } else if opt == "setname" && more >= 1 {
-                if !valid_client_name(&args[j + 1]) {
+                if !valid_client_name(args[j + 1]) {
                     self.replies.resp3 = was_resp3;
                     self.local(error_line("-ERR Client names cannot contain spaces, newlines or special characters."));
                     return;
                 }
-                setname = Some(args[j + 1].clone());
+                setname = Some(args[j + 1]);
                 j += 2;
             } else {
-                let shown = super::session::sanitize(&args[j]);
+                let shown = super::session::sanitize(args[j]);
                 self.replies.resp3 = was_resp3;
                 self.local(error_line(&format!("-ERR Syntax error in HELLO option '{shown}'")));
                 return;
@@ -433,7 +445,7 @@ impl Session {
 }
 
 /// True when a HELLO names the connection (`SETNAME`): that needs a connection of its own.
-pub(super) fn hello_sets_name(args: &[Bytes]) -> bool {
+pub(super) fn hello_sets_name(args: &[&[u8]]) -> bool {
     args.iter().skip(2).any(|a| cstr_eq(a, b"setname"))
 }
 

@@ -221,6 +221,50 @@ impl Replies {
         };
     }
 
+    /// A delivery of `frames` whole replies (`len` bytes) from a shared connection, which has
+    /// framed them already: when they all answer plain requests (seen by the client, no effect,
+    /// no subscription), what the client gets, without scanning the bytes a second time. None
+    /// otherwise, and nothing changed: then `on_upstream` frames them.
+    pub(super) fn plain_delivery(&mut self, len: usize, frames: u32) -> Option<Vec<Out>> {
+        if !self.scanner.at_rest() || self.subscribed() {
+            return None;
+        }
+        let mut left = frames;
+        let mut forwarded = false;
+        for s in &self.queue {
+            if left == 0 {
+                break;
+            }
+            match s {
+                // proxy-made replies before the first of them go first; between them, the slow path
+                Slot::Local(_) if !forwarded => {}
+                Slot::Forward { n, effect: Effect::None, visible: true, sub: false } => {
+                    forwarded = true;
+                    left = left.saturating_sub(*n);
+                }
+                _ => return None,
+            }
+        }
+        if left > 0 {
+            return None;
+        }
+        let mut out = Vec::new();
+        self.drain_locals(&mut out);
+        out.push(Out::Upstream(0..len));
+        let mut left = frames;
+        while left > 0 {
+            let Some(Slot::Forward { n, .. }) = self.queue.front_mut() else { break };
+            let k = (*n).min(left);
+            *n -= k;
+            left -= k;
+            if *n == 0 {
+                self.queue.pop_front();
+            }
+        }
+        self.drain_locals(&mut out);
+        Some(out)
+    }
+
     /// Frames the complete replies at the start of `buf`, appending what the client gets to
     /// `out`; returns the bytes consumed (a partial reply stays for the next read).
     pub(super) fn on_upstream(&mut self, buf: &[u8], out: &mut Vec<Out>) -> Result<usize, String> {
@@ -336,6 +380,46 @@ mod tests {
 
     fn sub(n: u32) -> Slot {
         Slot::Forward { n, effect: Effect::None, visible: true, sub: true }
+    }
+
+    #[test]
+    fn plain_deliveries_match_the_framing_path() {
+        let frames = b"+A\r\n$1\r\nB\r\n:3\r\n";
+        let local = || Slot::Local(Bytes::from_static(b"-NOPERM x\r\n"));
+        let hello = Slot::Forward { n: 3, effect: Effect::Hello(3), visible: true, sub: false };
+        let cases: Vec<(Vec<Slot>, bool)> = vec![
+            (vec![fwd(3)], true),
+            (vec![fwd(1), fwd(2)], true),
+            (vec![local(), fwd(2), fwd(1), local()], true),
+            (vec![fwd(4), local()], true), // one still to come: the local waits
+            (vec![fwd(1), local(), fwd(2)], false),
+            (vec![fwd(1), Slot::swallow(1), fwd(1)], false),
+            (vec![fwd(2)], false), // more replies than requests
+            (vec![hello], false),
+            (vec![fwd(2), sub(1)], false),
+        ];
+        for (slots, plain) in cases {
+            let (mut fast, mut slow) = (Replies::default(), Replies::default());
+            for s in &slots {
+                fast.push(s.clone());
+                slow.push(s.clone());
+            }
+            let got = fast.plain_delivery(frames.len(), 3);
+            assert_eq!(got.is_some(), plain, "{slots:?}");
+            let Some(out) = got else {
+                assert_eq!(fast.queue, VecDeque::from(slots.clone()), "untouched when not plain");
+                continue;
+            };
+            let bytes: Vec<u8> = out
+                .into_iter()
+                .flat_map(|o| match o {
+                    Out::Upstream(r) => frames[r].to_vec(),
+                    Out::Local(b) => b.to_vec(),
+                })
+                .collect();
+            assert_eq!(bytes, run(&mut slow, frames).concat(), "{slots:?}");
+            assert_eq!(fast.queue, slow.queue, "{slots:?}");
+        }
     }
 
     #[test]

@@ -39,7 +39,7 @@ fn now_ms() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }
 
-fn unknown_command(args: &[Bytes]) -> Bytes {
+fn unknown_command(args: &[&[u8]]) -> Bytes {
     let mut list = String::new();
     for a in args.iter().skip(1) {
         if list.len() >= 128 {
@@ -50,13 +50,13 @@ fn unknown_command(args: &[Bytes]) -> Bytes {
         let s: String = s.chars().take(room).collect();
         list.push_str(&format!("'{s}' "));
     }
-    let name: String = sanitize(&args[0]).chars().take(128).collect();
+    let name: String = sanitize(args[0]).chars().take(128).collect();
     error_line(&format!("-ERR unknown command '{name}', with args beginning with: {list}"))
 }
 
-fn unknown_subcommand(args: &[Bytes]) -> Bytes {
-    let sub: String = sanitize(&args[1]).chars().take(128).collect();
-    let container = sanitize(&args[0]).to_ascii_uppercase();
+fn unknown_subcommand(args: &[&[u8]]) -> Bytes {
+    let sub: String = sanitize(args[1]).chars().take(128).collect();
+    let container = sanitize(args[0]).to_ascii_uppercase();
     error_line(&format!("-ERR unknown subcommand '{sub}'. Try {container} HELP."))
 }
 
@@ -111,14 +111,14 @@ impl Session {
 
     /// Before authentication: QUIT, unknown command, arity, then NOAUTH unless the command
     /// may run unauthenticated (AUTH, HELLO, RESET). Nothing goes upstream.
-    async fn route_unauthenticated(&mut self, args: &[Bytes], up: &mut Option<Stream>, pieces: &mut Vec<Piece>) {
+    async fn route_unauthenticated(&mut self, args: &[&[u8]], up: &mut Option<Stream>, pieces: &mut Vec<Piece>) {
         self.preauth_commands += 1;
         if self.preauth_commands > PREAUTH_MAX_COMMANDS {
             self.local(ProtocolError("too many commands before authentication".into()).reply());
             self.quitting = true;
             return;
         }
-        if cstr_eq(&args[0], b"quit") {
+        if cstr_eq(args[0], b"quit") {
             self.local(Bytes::from_static(OK));
             self.quitting = true;
             return;
@@ -149,8 +149,8 @@ impl Session {
     }
 
     /// After authentication. Returns true when the request's own bytes go upstream.
-    async fn route_authenticated(&mut self, args: &[Bytes], up: &mut Option<Stream>, pieces: &mut Vec<Piece>) -> bool {
-        if cstr_eq(&args[0], b"quit") {
+    async fn route_authenticated(&mut self, args: &[&[u8]], up: &mut Option<Stream>, pieces: &mut Vec<Piece>) -> bool {
+        if cstr_eq(args[0], b"quit") {
             // Redis 7.0 answers QUIT before looking it up: +OK after the pending replies, close.
             self.local(Bytes::from_static(OK));
             self.quitting = true;
@@ -213,7 +213,9 @@ impl Session {
             }
             _ => {}
         }
-        let reachable = if self.sharing() {
+        let reachable = if self.mux_ready() && self.sharing() {
+            true
+        } else if self.sharing() {
             let creds = self.identity.as_ref().map(|i| i.upstream_creds()).unwrap_or_default();
             self.ensure_mux(&creds).await
         } else {
@@ -340,7 +342,7 @@ impl Session {
                     self.local(error_line("-ERR Can't execute 'client|reply': only (P|S)SUBSCRIBE / (P|S)UNSUBSCRIBE / PING / QUIT / RESET are allowed in this context"));
                     return false;
                 }
-                match cstr_lower(&args[2]).as_str() {
+                match cstr_lower(args[2]).as_str() {
                     "on" => {
                         self.reply_mode = ReplyMode::On;
                         self.hide_current = false;
@@ -470,12 +472,15 @@ impl Session {
         let mut pieces: Vec<Piece> = Vec::new();
         let mut allowed = 0u64;
         let mut stop: Option<usize> = None;
+        // One argument vector for the whole batch: slices of it, no per-request allocation.
+        let mut args: Vec<&[u8]> = Vec::new();
         for req in &reqs {
             if self.quitting {
                 break;
             }
             let mode_before = self.reply_mode;
-            let args = codec::resolve(&bytes, req);
+            args.clear();
+            args.extend(req.args.iter().map(|a| codec::arg(&bytes, a)));
             // CLIENT REPLY: whether this request's replies are seen is settled before it runs.
             self.hide_current = match self.reply_mode {
                 ReplyMode::On => false,
@@ -509,8 +514,7 @@ impl Session {
             let inline = req.args.iter().any(|a| matches!(a, ArgRef::Owned(_)));
             if inline {
                 // Redis would tokenize an inline request again: send exactly what was decided on.
-                let v: Vec<&[u8]> = args.iter().map(|a| a.as_ref()).collect();
-                pieces.push(Piece::Owned(codec::encode_command(&v)));
+                pieces.push(Piece::Owned(codec::encode_command(&args)));
                 pieces.extend(self.inject_after.drain(..).map(Piece::Owned));
                 continue;
             }

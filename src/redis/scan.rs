@@ -3,7 +3,7 @@
 //! is walked once (linear), not re-decoded from its start at every read. No allocation per
 //! element. (redis-protocol decodes complete frames only, hence this.)
 
-use super::codec::ReplyKind;
+use super::codec::{ReplyKind, line_end};
 
 /// Scanner state for the reply being read.
 #[derive(Debug)]
@@ -27,19 +27,8 @@ pub(super) struct Scanner {
 /// Longest head string kept (pub/sub kinds are short).
 const HEAD_MAX: usize = 16;
 
-fn line_end(buf: &[u8], from: usize) -> Option<usize> {
-    let mut i = from;
-    while i + 1 < buf.len() {
-        if buf[i] == b'\r' && buf[i + 1] == b'\n' {
-            return Some(i);
-        }
-        i += 1;
-    }
-    None
-}
-
 fn parse_len(b: &[u8]) -> Result<i64, String> {
-    std::str::from_utf8(b).ok().and_then(|s| s.parse().ok()).ok_or_else(|| "invalid length in reply".to_string())
+    super::codec::plain_int(b).ok_or_else(|| "invalid length in reply".to_string())
 }
 
 impl Default for Scanner {
@@ -136,6 +125,11 @@ impl Scanner {
 
     fn first_child_pending(&self) -> bool {
         self.first_seen.last().is_some_and(|f| !f)
+    }
+
+    /// True between replies with nothing scanned ahead (the buffer it scans is empty).
+    pub(super) fn at_rest(&self) -> bool {
+        self.idle && self.pos == 0
     }
 
     /// The caller removed `n` bytes from the front of its buffer.

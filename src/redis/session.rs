@@ -481,10 +481,17 @@ impl Session {
                         if let Some(m) = self.mux.as_mut() {
                             m.answered(frames);
                         }
-                        ubuf.extend_from_slice(&bytes);
-                        drop(bytes);
                         // charged until the client has them
-                        let r = self.on_upstream_bytes(&mut client, &mut ubuf).await;
+                        let plain = if ubuf.is_empty() { self.replies.plain_delivery(bytes.len(), frames) } else { None };
+                        let r = match plain {
+                            // whole replies to plain requests: straight out, not copied or scanned again
+                            Some(out) => self.write_out(&mut client, &bytes, out).await.map_err(|_| ConnOutcome::Closed),
+                            None => {
+                                ubuf.extend_from_slice(&bytes);
+                                drop(bytes);
+                                self.on_upstream_bytes(&mut client, &mut ubuf).await
+                            }
+                        };
                         drop(charge);
                         if let Err(outcome) = r {
                             return outcome;

@@ -9,8 +9,6 @@
 //!   (the key specs of the upstream's COMMAND tell which keys a command writes).
 //! - Scripts declaring a matching key are denied unless the rule says `allow_scripts`.
 
-use bytes::Bytes;
-
 use super::command::{CommandInfo, cstr_lower};
 use crate::config::TtlRule;
 use crate::policy::glob;
@@ -124,7 +122,7 @@ fn unit_of(opt: &str) -> Option<Unit> {
 }
 
 /// Decides what the TTL policy does to `args` (a command the ACL policy already allowed).
-pub fn plan(info: &CommandInfo, args: &[Bytes], rules: &[TtlRule], now_ms: u64) -> TtlPlan {
+pub fn plan(info: &CommandInfo, args: &[&[u8]], rules: &[TtlRule], now_ms: u64) -> TtlPlan {
     let mut p = TtlPlan::default();
     if rules.is_empty() {
         return p;
@@ -338,7 +336,7 @@ mod tests {
 
     fn run(cmd: &str) -> TtlPlan {
         let t = CommandTable::builtin();
-        let args: Vec<Bytes> = cmd.split(' ').map(|a| Bytes::copy_from_slice(a.as_bytes())).collect();
+        let args: Vec<&[u8]> = cmd.split(' ').map(str::as_bytes).collect();
         plan(t.lookup(&args).expect("known command"), &args, &rules(), NOW)
     }
 
