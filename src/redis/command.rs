@@ -2,7 +2,7 @@
 //! from the upstream's `COMMAND` reply (so modules and versions are exact), with a snapshot of
 //! Redis 7.0.15's reply built in as the fallback.
 
-use std::collections::HashMap;
+use rustc_hash::FxHashMap;
 
 use redis_protocol::resp2::types::OwnedFrame;
 
@@ -51,13 +51,17 @@ pub struct CommandInfo {
     first_key: i64,
     last_key: i64,
     step: i64,
-    subcommands: HashMap<String, CommandInfo>,
+    subcommands: FxHashMap<Vec<u8>, CommandInfo>,
 }
 
 impl CommandInfo {
     /// The top-level name (`client` for `client|setname`).
     pub fn parent(&self) -> &str {
-        self.name.split('|').next().unwrap_or(&self.name)
+        // a byte search: this runs for every request ('|' is ASCII, so a char boundary)
+        match self.name.bytes().position(|b| b == b'|') {
+            Some(p) => &self.name[..p],
+            None => &self.name,
+        }
     }
 
     /// True when the argument count fits the arity (args include the command name).
@@ -116,7 +120,7 @@ impl CommandInfo {
             first_key: self.first_key,
             last_key: self.last_key,
             step: self.step,
-            subcommands: HashMap::new(),
+            subcommands: FxHashMap::default(),
         }
     }
 
@@ -226,19 +230,16 @@ pub fn cstr_lower(a: &[u8]) -> String {
     String::from_utf8_lossy(cstr(a)).to_ascii_lowercase()
 }
 
-/// `name` lowercased (into `buf` when it fits: no allocation on the hot path); `None` when it
-/// cannot be a command name (not ASCII).
-fn lower<'b>(name: &[u8], buf: &'b mut [u8; 32]) -> Option<std::borrow::Cow<'b, str>> {
-    if !name.is_ascii() {
-        return None;
-    }
+/// `name` lowercased (into `buf` when it fits: no allocation on the hot path). Bytes, not
+/// text: a name that is not ASCII simply matches no command.
+fn lower<'b>(name: &[u8], buf: &'b mut [u8; 32]) -> std::borrow::Cow<'b, [u8]> {
     if name.len() > buf.len() {
-        return Some(std::borrow::Cow::Owned(String::from_utf8_lossy(name).to_ascii_lowercase()));
+        return std::borrow::Cow::Owned(name.to_ascii_lowercase());
     }
     let out = &mut buf[..name.len()];
     out.copy_from_slice(name);
     out.make_ascii_lowercase();
-    std::str::from_utf8(out).ok().map(std::borrow::Cow::Borrowed)
+    std::borrow::Cow::Borrowed(out)
 }
 
 /// What a request names.
@@ -255,7 +256,9 @@ pub enum Lookup<'a> {
 /// All commands, by lowercase name.
 #[derive(Debug, Clone, Default)]
 pub struct CommandTable {
-    commands: HashMap<String, CommandInfo>,
+    /// FxHash: the keys are the server's command names, looked up on every request (no
+    /// client can insert, so no hash flooding).
+    commands: FxHashMap<Vec<u8>, CommandInfo>,
     /// True when this came from the built-in snapshot, not the upstream.
     pub fallback: bool,
 }
@@ -341,7 +344,7 @@ fn parse_command(f: &OwnedFrame) -> Option<CommandInfo> {
         step: int(&a[5])?,
         categories: arr(&a[6]).iter().filter_map(text).map(|c| c.trim_start_matches('@').to_string()).collect(),
         key_specs: specs,
-        subcommands: HashMap::new(),
+        subcommands: FxHashMap::default(),
         own_connection: false,
     };
     info.own_connection = needs_own_connection(&info);
@@ -353,7 +356,7 @@ fn parse_command(f: &OwnedFrame) -> Option<CommandInfo> {
         for s in arr(subs) {
             if let Some(sub) = parse_command(s) {
                 let short = sub.name.split_once('|').map(|(_, s)| s.to_string()).unwrap_or_default();
-                info.subcommands.insert(short, sub);
+                info.subcommands.insert(short.into_bytes(), sub);
             }
         }
     }
@@ -382,10 +385,10 @@ impl CommandTable {
     /// Builds the table from a raw RESP2 `COMMAND` reply.
     pub fn from_reply(raw: &[u8]) -> Option<CommandTable> {
         let (frame, _) = redis_protocol::resp2::decode::decode(raw).ok()??;
-        let mut commands = HashMap::new();
+        let mut commands = FxHashMap::default();
         for c in arr(&frame) {
             if let Some(info) = parse_command(c) {
-                commands.insert(info.name.clone(), info);
+                commands.insert(info.name.clone().into_bytes(), info);
             }
         }
         (!commands.is_empty()).then_some(CommandTable { commands, fallback: false })
@@ -407,7 +410,7 @@ impl CommandTable {
             return Lookup::Unknown;
         }
         let mut buf = [0u8; 32];
-        let Some(top) = lower(first, &mut buf).and_then(|n| self.commands.get(n.as_ref())) else {
+        let Some(top) = self.commands.get(lower(first, &mut buf).as_ref()) else {
             return Lookup::Unknown;
         };
         if top.subcommands.is_empty() {
@@ -416,7 +419,7 @@ impl CommandTable {
         match args.get(1).map(AsRef::as_ref) {
             None => Lookup::Command(top), // arity decides: "wrong number of arguments for 'client'"
             Some(sub) if sub.contains(&0) => Lookup::UnknownSubcommand(top),
-            Some(sub) => match lower(sub, &mut buf).and_then(|n| top.subcommands.get(n.as_ref())) {
+            Some(sub) => match top.subcommands.get(lower(sub, &mut buf).as_ref()) {
                 Some(s) => Lookup::Command(s),
                 None => Lookup::UnknownSubcommand(top),
             },

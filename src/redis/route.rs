@@ -250,7 +250,7 @@ impl Session {
             return false;
         }
         // Only `+cmd|arg` rules look at a plain command's first argument.
-        let first_arg = if info.name.contains('|') || !id.rules.has_subcommand_rules() {
+        let first_arg = if info.name.as_bytes().contains(&b'|') || !id.rules.has_subcommand_rules() {
             None
         } else {
             args.get(1).map(|a| cstr_lower(a))
