@@ -39,6 +39,11 @@ impl Held {
         Held { budget, bytes: 0 }
     }
 
+    /// The budget this charge is against.
+    pub fn budget(&self) -> &Arc<RequestMemory> {
+        &self.budget
+    }
+
     /// Bytes this connection is charged for.
     pub fn bytes(&self) -> u64 {
         self.bytes

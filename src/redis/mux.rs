@@ -312,7 +312,7 @@ async fn run(mut io: Stream, mut jobs: mpsc::UnboundedReceiver<Job>, shared: Arc
                     want = (want * 2).min(READ_MAX);
                 }
                 let limit = shared.config().limits.max_buffered_bytes;
-                if !deliver(&mut buf, &mut scanner, &mut waiting, &memory, limit, &mut writes) {
+                if !deliver(&mut buf, &mut scanner, &mut waiting, &mut held, limit, &mut writes) {
                     tracing::warn!("unparseable reply on a shared upstream connection");
                     break true;
                 }
@@ -355,10 +355,12 @@ fn deliver(
     buf: &mut BytesMut,
     scanner: &mut Scanner,
     waiting: &mut VecDeque<Waiting>,
-    memory: &Arc<RequestMemory>,
+    held: &mut Held,
     limit: u64,
     writes: &mut usize,
 ) -> bool {
+    let memory = held.budget().clone();
+    let memory = &memory;
     let mut end_of_ready = 0;
     loop {
         let next = match scanner.next(buf, false) {
@@ -374,6 +376,8 @@ fn deliver(
             let chunk = buf.split_to(end_of_ready).freeze();
             scanner.consumed(end_of_ready);
             end_of_ready = 0;
+            // its charge moves from the read buffer to the client (not counted twice)
+            let _ = held.hold(buf.len(), limit);
             if let Some(w) = waiting.pop_front() {
                 if w.ends_write {
                     *writes -= 1;
@@ -388,6 +392,7 @@ fn deliver(
     {
         let chunk = buf.split_to(end_of_ready).freeze();
         scanner.consumed(end_of_ready);
+        let _ = held.hold(buf.len(), limit);
         hand(&w.reply, w.ready, chunk, memory, limit);
         w.ready = 0;
     }
@@ -455,17 +460,18 @@ mod tests {
         let mut q = VecDeque::from([a, b]);
         let mut s = Scanner::default();
         let mut w = 2;
+        let mut held = Held::new(mem.clone());
         let mut buf = BytesMut::from(&b"+OK\r\n$3\r\nab"[..]);
-        assert!(deliver(&mut buf, &mut s, &mut q, &mem, u64::MAX, &mut w));
+        assert!(deliver(&mut buf, &mut s, &mut q, &mut held, u64::MAX, &mut w));
         assert_eq!(got(&mut ra), vec![(b"+OK\r\n".to_vec(), 1)], "a complete frame goes at once");
         buf.extend_from_slice(b"c\r\n:1\r\n");
-        assert!(deliver(&mut buf, &mut s, &mut q, &mem, u64::MAX, &mut w));
+        assert!(deliver(&mut buf, &mut s, &mut q, &mut held, u64::MAX, &mut w));
         assert_eq!(got(&mut ra), vec![(b"$3\r\nabc\r\n".to_vec(), 1)]);
         assert_eq!(got(&mut rb), vec![(b":1\r\n".to_vec(), 1)]);
         assert!(buf.is_empty() && q.is_empty());
         assert_eq!(w, 0, "both writes answered");
         buf.extend_from_slice(b"+unasked\r\n");
-        assert!(!deliver(&mut buf, &mut s, &mut q, &mem, u64::MAX, &mut w), "a reply nobody asked for");
+        assert!(!deliver(&mut buf, &mut s, &mut q, &mut held, u64::MAX, &mut w), "a reply nobody asked for");
     }
 
     #[test]
@@ -479,8 +485,31 @@ mod tests {
         let mut buf = BytesMut::from(format!("${}\r\n", big.len()).as_bytes());
         buf.extend_from_slice(&big);
         buf.extend_from_slice(b"\r\n");
-        assert!(deliver(&mut buf, &mut s, &mut q, &mem, 5, &mut w));
+        let mut held = Held::new(mem.clone());
+        assert!(deliver(&mut buf, &mut s, &mut q, &mut held, 5, &mut w));
         assert_eq!(got(&mut ra), vec![(b"toolarge".to_vec(), 0)]);
         assert_eq!(mem.used(), 0);
+    }
+
+    #[test]
+    fn a_reply_held_while_arriving_is_not_charged_twice_when_handed_over() {
+        let mem = Arc::new(RequestMemory::default());
+        let (a, mut ra) = waiting(1);
+        let mut q = VecDeque::from([a]);
+        let (mut s, mut w, mut held) = (Scanner::default(), 1, Held::new(mem.clone()));
+        let body = vec![b'x'; FREE_PER_CONNECTION + 100_000];
+        let mut reply = format!("${}\r\n", body.len()).into_bytes();
+        reply.extend_from_slice(&body);
+        reply.extend_from_slice(b"\r\n");
+        // the whole reply fits the budget, but not twice
+        let limit = reply.len() as u64;
+        let mut buf = BytesMut::from(&reply[..reply.len() - 10]);
+        assert!(deliver(&mut buf, &mut s, &mut q, &mut held, limit, &mut w));
+        assert!(held.hold(buf.len(), limit), "the part arrived is held, as run() does");
+        assert!(mem.used() > 0);
+        buf.extend_from_slice(&reply[reply.len() - 10..]);
+        assert!(deliver(&mut buf, &mut s, &mut q, &mut held, limit, &mut w));
+        assert_eq!(got(&mut ra), vec![(reply.clone(), 1)], "handed over, not refused");
+        assert_eq!(mem.used(), 0, "released once the client has it");
     }
 }

@@ -331,6 +331,12 @@ pub async fn redis_proxy(top_extra: &str, listener_extra: &str) -> Proxy {
     redis_proxy_for(redis(), top_extra, listener_extra).await
 }
 
+/// True when this run puts Redis listeners in `pool = "multiplex"` mode (scripts/test runs the
+/// Redis suites a second time so); a few fault assertions differ by design there.
+pub fn redis_multiplexed() -> bool {
+    std::env::var("PORTCULLIS_TEST_REDIS_POOL").is_ok_and(|v| v == "multiplex")
+}
+
 /// The same, in front of a given Redis (tests that count what reaches the upstream use their own).
 pub async fn redis_proxy_for(r: &RedisInstance, top_extra: &str, listener_extra: &str) -> Proxy {
     let dir = tempfile::tempdir().unwrap();
