@@ -543,7 +543,10 @@ impl Session {
         }
         if let Some(e) = perr {
             tracing::debug!(error = %e, "protocol error from client");
-            self.replies.push(Slot::Local(Bytes::from(e.reply())));
+            // After CLIENT REPLY OFF, or with a SKIP pending, Redis writes nothing, not even this.
+            if self.reply_mode == ReplyMode::On {
+                self.replies.push(Slot::Local(Bytes::from(e.reply())));
+            }
             self.quitting = true;
             let reason = if e.0.contains("memory limit") { "memory_limit" } else { "protocol_error" };
             self.audit(Event::ConnRejected, "refused", Some(reason));
