@@ -19,6 +19,7 @@ use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::mpsc;
 
+use super::codec::ReplyKind;
 use super::scan::Scanner;
 use crate::config::SecretRef;
 use crate::net::memory::{Held, RequestMemory};
@@ -313,7 +314,7 @@ async fn run(mut io: Stream, mut jobs: mpsc::UnboundedReceiver<Job>, shared: Arc
                 }
                 let limit = shared.config().limits.max_buffered_bytes;
                 if !deliver(&mut buf, &mut scanner, &mut waiting, &mut held, limit, &mut writes) {
-                    tracing::warn!("unparseable reply on a shared upstream connection");
+                    tracing::warn!("malformed or unasked-for reply on a shared upstream connection");
                     break true;
                 }
                 // A reply still arriving is held against the buffer budget. Past it, its client
@@ -367,7 +368,12 @@ fn deliver(
             Ok(n) => n,
             Err(_) => return false,
         };
-        let Some((_, end, _)) = next else { break };
+        let Some((_, end, kind)) = next else { break };
+        if matches!(kind, ReplyKind::Push(_)) {
+            // No client on a shared connection subscribes or tracks (they move to their own):
+            // a push answers no request here, and counting it as one would misroute the rest.
+            return false;
+        }
         let Some(w) = waiting.front_mut() else { return false };
         w.frames_left -= 1;
         w.ready += 1;
@@ -472,6 +478,17 @@ mod tests {
         assert_eq!(w, 0, "both writes answered");
         buf.extend_from_slice(b"+unasked\r\n");
         assert!(!deliver(&mut buf, &mut s, &mut q, &mut held, u64::MAX, &mut w), "a reply nobody asked for");
+    }
+
+    #[test]
+    fn a_push_on_a_shared_connection_ends_it() {
+        let mem = Arc::new(RequestMemory::default());
+        let (a, mut ra) = waiting(1);
+        let mut q = VecDeque::from([a]);
+        let (mut s, mut w, mut held) = (Scanner::default(), 1, Held::new(mem.clone()));
+        let mut buf = BytesMut::from(&b">2\r\n$10\r\ninvalidate\r\n*1\r\n$1\r\nk\r\n:1\r\n"[..]);
+        assert!(!deliver(&mut buf, &mut s, &mut q, &mut held, u64::MAX, &mut w), "answers no request");
+        assert!(got(&mut ra).is_empty(), "not handed to the client whose reply comes next");
     }
 
     #[test]

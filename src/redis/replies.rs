@@ -226,7 +226,7 @@ impl Replies {
     /// no subscription), what the client gets, without scanning the bytes a second time. None
     /// otherwise, and nothing changed: then `on_upstream` frames them.
     pub(super) fn plain_delivery(&mut self, len: usize, frames: u32) -> Option<Vec<Out>> {
-        if !self.scanner.at_rest() || self.subscribed() {
+        if frames == 0 || !self.scanner.at_rest() || self.subscribed() {
             return None;
         }
         let mut left = frames;
