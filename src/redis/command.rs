@@ -371,6 +371,12 @@ fn needs_own_connection(info: &CommandInfo) -> bool {
     if matches!(info.parent(), "ping" | "echo" | "publish" | "spublish" | "pubsub" | "command") {
         return false;
     }
+    // CLIENT SETINFO (Redis 7.2+; go-redis, redis-py, Lettuce and Jedis send it at connect) only
+    // labels the connection in CLIENT LIST, where the clients sharing one are one client anyway:
+    // the label goes on the shared connection, the reply is Redis's own.
+    if info.name == "client|setinfo" {
+        return false;
+    }
     info.has_flag("blocking")
         || info
             .categories
@@ -466,6 +472,42 @@ mod tests {
 
     fn args(s: &str) -> Vec<Bytes> {
         s.split(' ').map(|a| Bytes::copy_from_slice(a.as_bytes())).collect()
+    }
+
+    /// A Redis 7.2 COMMAND entry for CLIENT with its SETINFO and SETNAME subcommands.
+    fn client_entry_7_2() -> Vec<u8> {
+        fn arr(items: &[Vec<u8>]) -> Vec<u8> {
+            let mut v = format!("*{}\r\n", items.len()).into_bytes();
+            items.iter().for_each(|i| v.extend_from_slice(i));
+            v
+        }
+        let bulk = |s: &str| format!("${}\r\n{s}\r\n", s.len()).into_bytes();
+        let int = |n: i64| format!(":{n}\r\n").into_bytes();
+        let strs = |xs: &[&str]| arr(&xs.iter().map(|x| bulk(x)).collect::<Vec<_>>());
+        let cmd = |name: &str, arity: i64, subs: Vec<Vec<u8>>| {
+            arr(&[
+                bulk(name),
+                int(arity),
+                strs(&["noscript", "loading", "stale"]),
+                int(0),
+                int(0),
+                int(0),
+                strs(&["@slow", "@connection"]),
+                strs(&[]),
+                strs(&[]),
+                arr(&subs),
+            ])
+        };
+        let subs = vec![cmd("client|setinfo", 4, vec![]), cmd("client|setname", 3, vec![])];
+        arr(&[cmd("client", -2, subs)])
+    }
+
+    #[test]
+    fn client_setinfo_stays_on_a_shared_connection() {
+        let t = CommandTable::from_reply(&client_entry_7_2()).expect("a COMMAND reply");
+        let own = |s: &str| t.lookup(&args(s)).map(|i| i.own_connection);
+        assert_eq!(own("CLIENT SETINFO LIB-NAME go-redis"), Some(false), "labels the shared connection");
+        assert_eq!(own("client setname app"), Some(true), "a name is the client's own");
     }
 
     #[test]
