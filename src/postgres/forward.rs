@@ -16,7 +16,7 @@ use crate::net::stream::Stream;
 
 /// Read buffer per direction: small while a session is idle or chatty (most are), doubled up
 /// to the maximum whenever a read fills it (bulk results, COPY).
-const FORWARD_BUF_MIN: usize = 4 * 1024;
+const FORWARD_BUF_MIN: usize = 1024;
 const FORWARD_BUF_MAX: usize = 64 * 1024;
 
 /// Grows a read buffer that the last read filled.
