@@ -89,6 +89,56 @@ async fn clients_share_upstream_connections_and_each_gets_its_own_replies() {
 
 /// A pipeline that moves to a connection of its own half-way answers exactly as Redis does:
 /// the shared replies first, then the transaction that saw their writes.
+/// Clients that log in at the same moment (an application's pool filling up, redis-benchmark's
+/// 50 clients) join one shared connection: one opens it, the others wait for it rather than
+/// each opening their own. Against an upstream that is down, every one of them gets the error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_logging_in_together_join_one_connection() {
+    let r = RedisInstance::start(Some(std::process::id()), None).expect("redis-server starts");
+    let p = redis_proxy_for(&r, "", MUX).await;
+    let n = 30;
+    let barrier = std::sync::Arc::new(tokio::sync::Barrier::new(n));
+    let mut tasks = Vec::new();
+    for i in 0..n {
+        let (port, barrier) = (p.redis_port(), barrier.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut c = RawRedis::proxy(port).await;
+            barrier.wait().await;
+            let mut pipe = cmd(&["AUTH", "app", REDIS_APP_PW]);
+            pipe.extend(cmd(&["SET", &format!("together:{i}"), "x"]));
+            c.send_raw(&pipe).await;
+            assert_eq!(c.read(false).await, b"+OK\r\n");
+            assert_eq!(c.read(false).await, b"+OK\r\n");
+            c
+        }));
+    }
+    let mut clients = Vec::new();
+    for t in tasks {
+        clients.push(t.await.unwrap());
+    }
+    assert_eq!(upstream_conns(&r).await, 1, "{n} clients logging in at once, one shared connection");
+    let m = p.metrics();
+    for (event, k) in [("opened", 1), ("joined", n - 1)] {
+        let line = format!("portcullis_redis_multiplex_total{{event=\"{event}\",listener=\"cache\"}} {k}\n");
+        assert!(m.contains(&line), "{line} in\n{m}");
+    }
+    drop(clients);
+
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let down = redis_proxy("", &format!("{MUX}\nupstream = \"127.0.0.1:{closed}\"")).await;
+    let mut tasks = Vec::new();
+    for _ in 0..10 {
+        let port = down.redis_port();
+        tasks.push(tokio::spawn(async move {
+            let mut c = RawRedis::proxy(port).await;
+            c.call(&["AUTH", "app", REDIS_APP_PW]).await
+        }));
+    }
+    for t in tasks {
+        assert_eq!(t.await.unwrap(), b"-ERR upstream unavailable\r\n", "each is told, none waits forever");
+    }
+}
+
 #[tokio::test]
 async fn moving_to_an_own_connection_mid_pipeline_keeps_order_and_writes() {
     let p = redis_proxy("", MUX).await;

@@ -2,6 +2,7 @@
 //! the upstream connection the proxy opens and logs in with its own credentials for that user.
 //! The client's credentials never go upstream.
 
+use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
@@ -234,20 +235,36 @@ impl Session {
         }
         self.mux = None;
         let upstream = self.cfg.upstream.clone();
-        let link = match self.l.mux.link(&upstream, creds, proto) {
-            Some(l) => {
-                self.shared.metrics.redis_multiplex(&self.cfg.name, "joined");
-                l
-            }
-            None => match self.connect_upstream(creds, Some(proto)).await {
-                Ok((io, hello)) => {
-                    self.shared.metrics.redis_multiplex(&self.cfg.name, "opened");
-                    let hello = hello.unwrap_or_default();
-                    self.l.mux.start(&upstream, creds.clone(), proto, hello, io, self.shared.clone())
+        let mut link = self.l.mux.link(&upstream, creds, proto);
+        if link.is_none() {
+            // One opener at a time: clients logging in together join the first one's connection.
+            let gate = self.l.mux.gate(&upstream, creds, proto);
+            let failures = gate.failures.load(Relaxed);
+            let _turn = gate.turn.lock().await;
+            link = self.l.mux.link(&upstream, creds, proto);
+            if link.is_none() {
+                if gate.failures.load(Relaxed) != failures {
+                    // the attempt this client waited for failed just now
+                    return false;
                 }
-                Err(_) => return false,
-            },
-        };
+                match self.connect_upstream(creds, Some(proto)).await {
+                    Ok((io, hello)) => {
+                        self.shared.metrics.redis_multiplex(&self.cfg.name, "opened");
+                        let hello = hello.unwrap_or_default();
+                        let started = self.l.mux.start(&upstream, creds.clone(), proto, hello, io, self.shared.clone());
+                        self.mux = Some(started);
+                        self.upstream_creds = Some(creds.clone());
+                        return true;
+                    }
+                    Err(_) => {
+                        gate.failures.fetch_add(1, Relaxed);
+                        return false;
+                    }
+                }
+            }
+        }
+        let Some(link) = link else { return false };
+        self.shared.metrics.redis_multiplex(&self.cfg.name, "joined");
         self.mux = Some(link);
         self.upstream_creds = Some(creds.clone());
         true

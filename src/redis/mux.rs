@@ -167,6 +167,21 @@ struct Entry {
 #[derive(Debug, Default)]
 pub struct MuxPool {
     conns: Mutex<Vec<Entry>>,
+    /// One opener at a time per shared connection (clients that log in together join the
+    /// connection the first of them opens, rather than each opening one).
+    gates: Mutex<Vec<GateEntry>>,
+}
+
+/// A gate with its key: upstream address, credentials, protocol.
+type GateEntry = (String, Creds, u8, Arc<Gate>);
+
+/// Who may open the shared connection for one key.
+#[derive(Debug, Default)]
+pub(super) struct Gate {
+    pub(super) turn: tokio::sync::Mutex<()>,
+    /// Failed attempts so far: a client that waited for an attempt that failed does not queue
+    /// another one behind it (with an upstream that times out, each would wait for all before).
+    pub(super) failures: AtomicUsize,
 }
 
 impl MuxPool {
@@ -179,6 +194,18 @@ impl MuxPool {
         let e = conns.iter().find(|e| e.upstream == upstream && &e.creds == creds && e.proto == proto)?;
         let jobs = e.jobs.upgrade()?;
         (!jobs.is_closed()).then(|| new_link(jobs, proto, e.hello.clone()))
+    }
+
+    /// The opening gate for `upstream`, `creds` and `proto` (the keys come from the
+    /// configuration's users, so the list stays small).
+    pub(super) fn gate(&self, upstream: &str, creds: &Creds, proto: u8) -> Arc<Gate> {
+        let mut gates = self.gates.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((.., g)) = gates.iter().find(|(u, c, p, _)| u == upstream && c == creds && *p == proto) {
+            return g.clone();
+        }
+        let g = Arc::new(Gate::default());
+        gates.push((upstream.to_string(), creds.clone(), proto, g.clone()));
+        g
     }
 
     /// Starts a shared connection over `io` (logged in with `creds`, speaking `proto`, whose
