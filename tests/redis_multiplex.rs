@@ -87,8 +87,6 @@ async fn clients_share_upstream_connections_and_each_gets_its_own_replies() {
     panic!("upstream connections left after every client went: {}", upstream_conns(&r).await);
 }
 
-/// A pipeline that moves to a connection of its own half-way answers exactly as Redis does:
-/// the shared replies first, then the transaction that saw their writes.
 /// Clients that log in at the same moment (an application's pool filling up, redis-benchmark's
 /// 50 clients) join one shared connection: one opens it, the others wait for it rather than
 /// each opening their own. Against an upstream that is down, every one of them gets the error.
@@ -135,10 +133,13 @@ async fn clients_logging_in_together_join_one_connection() {
         }));
     }
     for t in tasks {
-        assert_eq!(t.await.unwrap(), b"-ERR upstream unavailable\r\n", "each is told, none waits forever");
+        let reply = tokio::time::timeout(std::time::Duration::from_secs(30), t).await.expect("no client waits forever");
+        assert_eq!(reply.unwrap(), b"-ERR upstream unavailable\r\n", "each is told");
     }
 }
 
+/// A pipeline that moves to a connection of its own half-way answers exactly as Redis does:
+/// the shared replies first, then the transaction that saw their writes.
 #[tokio::test]
 async fn moving_to_an_own_connection_mid_pipeline_keeps_order_and_writes() {
     let p = redis_proxy("", MUX).await;
@@ -358,6 +359,38 @@ async fn a_slow_reader_of_large_replies_is_not_refused_while_there_is_room() {
         assert_eq!(c.read(false).await.len(), want, "reply {i}, whole");
     }
     assert_eq!(c.call(&["PING"]).await, b"+PONG\r\n");
+}
+
+/// A push that answers no request — an invalidation another client redirects to the shared
+/// RESP3 connection (CLIENT TRACKING … REDIRECT <its id>) — is dropped: the clients on that
+/// connection get their own replies, in order, and keep their connection.
+#[tokio::test]
+async fn a_push_redirected_to_a_shared_connection_is_dropped() {
+    let r = RedisInstance::start(Some(std::process::id()), None).expect("redis-server starts");
+    let p = redis_proxy_for(&r, "", MUX).await;
+    let mut three = RawRedis::proxy(p.redis_port()).await;
+    three.send(&["HELLO", "3", "AUTH", "app", REDIS_APP_PW]).await;
+    assert!(three.read(true).await.starts_with(b"%7\r\n"));
+    let mut admin = RawRedis::direct_to(r.port, "portcullis", &r.password).await;
+    let list = String::from_utf8_lossy(&admin.call(&["CLIENT", "LIST"]).await).to_string();
+    let shared = list
+        .lines()
+        .find(|l| l.contains(" resp=3") && l.contains(" user=portcullis "))
+        .and_then(|l| l.split(' ').find_map(|f| f.strip_prefix("id=")))
+        .expect("the shared RESP3 connection in CLIENT LIST")
+        .to_string();
+    assert_eq!(admin.call(&["CLIENT", "TRACKING", "ON", "REDIRECT", &shared]).await, b"+OK\r\n");
+    for i in 0..5 {
+        let key = format!("tracked:{i}");
+        assert_eq!(admin.call(&["GET", &key]).await, b"$-1\r\n");
+        assert_eq!(admin.call(&["SET", &key, "v"]).await, b"+OK\r\n", "sends an invalidation to the shared connection");
+        three.send(&["GET", &key]).await;
+        assert_eq!(three.read(true).await, b"$1\r\nv\r\n", "its own reply, not the push");
+    }
+    three.send(&["PING"]).await;
+    assert_eq!(three.read(true).await, b"+PONG\r\n");
+    let list = String::from_utf8_lossy(&admin.call(&["CLIENT", "LIST"]).await).to_string();
+    assert!(list.lines().any(|l| l.starts_with(&format!("id={shared} "))), "the same shared connection:\n{list}");
 }
 
 /// HELLO without SETNAME keeps a client on shared connections, of the protocol it asks for

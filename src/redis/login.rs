@@ -245,6 +245,7 @@ impl Session {
             if link.is_none() {
                 if gate.failures.load(Relaxed) != failures {
                     // the attempt this client waited for failed just now
+                    self.audit(Event::ConnRejected, "error", Some("upstream_unavailable"));
                     return false;
                 }
                 match self.connect_upstream(creds, Some(proto)).await {

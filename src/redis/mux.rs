@@ -395,11 +395,27 @@ fn deliver(
             Ok(n) => n,
             Err(_) => return false,
         };
-        let Some((_, end, kind)) = next else { break };
+        let Some((start, end, kind)) = next else { break };
         if matches!(kind, ReplyKind::Push(_)) {
-            // No client on a shared connection subscribes or tracks (they move to their own):
-            // a push answers no request here, and counting it as one would misroute the rest.
-            return false;
+            // No client on a shared connection subscribes or tracks (they move to their own),
+            // so a push answers no request here: say, an invalidation another client redirected
+            // to this connection (CLIENT TRACKING … REDIRECT <id>). It is dropped: counted as a
+            // reply it would misroute the rest; ending the connection would let anyone end it.
+            // (Redis writes a push between replies, never inside one.)
+            if end_of_ready > 0
+                && let Some(w) = waiting.front_mut()
+            {
+                let chunk = buf.split_to(end_of_ready).freeze();
+                scanner.consumed(end_of_ready);
+                hand(&w.reply, w.ready, chunk, memory, limit);
+                w.ready = 0;
+                end_of_ready = 0;
+            }
+            let _ = buf.split_to(end - start);
+            scanner.consumed(end - start);
+            let _ = held.hold(buf.len(), limit);
+            tracing::debug!("dropped a push on a shared upstream connection");
+            continue;
         }
         let Some(w) = waiting.front_mut() else { return false };
         w.frames_left -= 1;
@@ -508,14 +524,18 @@ mod tests {
     }
 
     #[test]
-    fn a_push_on_a_shared_connection_ends_it() {
+    fn a_push_on_a_shared_connection_is_dropped() {
         let mem = Arc::new(RequestMemory::default());
-        let (a, mut ra) = waiting(1);
-        let mut q = VecDeque::from([a]);
-        let (mut s, mut w, mut held) = (Scanner::default(), 1, Held::new(mem.clone()));
-        let mut buf = BytesMut::from(&b">2\r\n$10\r\ninvalidate\r\n*1\r\n$1\r\nk\r\n:1\r\n"[..]);
-        assert!(!deliver(&mut buf, &mut s, &mut q, &mut held, u64::MAX, &mut w), "answers no request");
-        assert!(got(&mut ra).is_empty(), "not handed to the client whose reply comes next");
+        let (a, mut ra) = waiting(2);
+        let (b, mut rb) = waiting(1);
+        let mut q = VecDeque::from([a, b]);
+        let (mut s, mut w, mut held) = (Scanner::default(), 2, Held::new(mem.clone()));
+        let push = ">2\r\n$10\r\ninvalidate\r\n*1\r\n$1\r\nk\r\n";
+        let mut buf = BytesMut::from(format!("{push}:1\r\n{push}+OK\r\n{push}$1\r\nv\r\n{push}").as_bytes());
+        assert!(deliver(&mut buf, &mut s, &mut q, &mut held, u64::MAX, &mut w));
+        assert_eq!(got(&mut ra), vec![(b":1\r\n".to_vec(), 1), (b"+OK\r\n".to_vec(), 1)], "its replies only");
+        assert_eq!(got(&mut rb), vec![(b"$1\r\nv\r\n".to_vec(), 1)], "and the next client's are its own");
+        assert!(buf.is_empty() && q.is_empty());
     }
 
     #[test]
