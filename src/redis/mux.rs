@@ -407,6 +407,7 @@ fn deliver(
             {
                 let chunk = buf.split_to(end_of_ready).freeze();
                 scanner.consumed(end_of_ready);
+                let _ = held.hold(buf.len(), limit);
                 hand(&w.reply, w.ready, chunk, memory, limit);
                 w.ready = 0;
                 end_of_ready = 0;
