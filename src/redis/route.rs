@@ -541,7 +541,9 @@ impl Session {
         } else if perr.is_none() {
             perr = self.deferred_error.take();
         }
-        if let Some(e) = perr {
+        // A QUIT (or a pre-authentication limit) before it already ends the session: Redis
+        // stops reading there, and never sees the bad bytes.
+        if let Some(e) = perr.filter(|_| !self.quitting) {
             tracing::debug!(error = %e, "protocol error from client");
             // After CLIENT REPLY OFF, or with a SKIP pending, Redis writes nothing, not even this.
             if self.reply_mode == ReplyMode::On {
