@@ -145,6 +145,11 @@ impl Session {
                     }
                 }
             }
+            // One fetch at a time: sessions connecting together take the first one's table.
+            let fetch = if self.commands.fallback { Some(self.l.command_fetch.lock().await) } else { None };
+            if self.commands.fallback && !self.l.commands().fallback {
+                self.commands = self.l.commands();
+            }
             if self.commands.fallback {
                 io.write_all(b"*1\r\n$7\r\nCOMMAND\r\n").await.map_err(UpstreamError::Connect)?;
                 io.flush().await.map_err(UpstreamError::Connect)?;
@@ -157,6 +162,7 @@ impl Session {
                     None => tracing::warn!("upstream COMMAND reply unusable; keeping the built-in command table"),
                 }
             }
+            drop(fetch);
             let mut hello_reply = None;
             if let Some(v) = hello {
                 let cmd = codec::encode_command(&[b"HELLO", v.to_string().as_bytes()]);

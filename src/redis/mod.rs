@@ -29,6 +29,8 @@ pub struct RedisListener {
     users: RwLock<Arc<UsersFile>>,
     upstream_tls: RwLock<Option<UpstreamTlsClient>>,
     commands: RwLock<Arc<CommandTable>>,
+    /// One upstream `COMMAND` fetch at a time: sessions connecting together use the first one's.
+    pub(crate) command_fetch: tokio::sync::Mutex<()>,
     /// Argon2id verification (bounded pool + verified-credential cache).
     pub argon: Argon2Pool,
     /// Keys the audit trail's key hashes (per process).
@@ -79,6 +81,7 @@ impl RedisListener {
             users: RwLock::new(Arc::new(users)),
             upstream_tls: RwLock::new(tls),
             commands: RwLock::new(Arc::new(CommandTable::builtin())),
+            command_fetch: tokio::sync::Mutex::new(()),
             argon: Argon2Pool::new(parallel),
             key_hash_secret,
             mux: mux::MuxPool::default(),
