@@ -338,8 +338,9 @@ async fn malformed_requests_get_redis_own_protocol_errors() {
                 let tcp = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
                 let mut io: Box<dyn RawIo> =
                     if proxied { Box::new(tls_connect(tcp, client_tls(false)).await) } else { Box::new(tcp) };
-                io.write_all(&bytes).await.unwrap();
-                io.flush().await.unwrap();
+                // the server may close before reading it all (after QUIT): what it answered counts
+                let _ = io.write_all(&bytes).await;
+                let _ = io.flush().await;
                 let mut out = Vec::new();
                 // With nothing to write, Redis may leave the connection open, ignoring it (its
                 // close-after-reply only fires on a write: here the inline request that grows

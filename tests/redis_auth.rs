@@ -42,6 +42,33 @@ async fn clients_connecting_together_fetch_the_command_table_once() {
     let mut admin = RawRedis::direct_to(own.port, "portcullis", &own.password).await;
     let stats = String::from_utf8(admin.call(&["INFO", "commandstats"]).await).unwrap();
     assert!(stats.contains("cmdstat_command:calls=1,"), "{n} clients, one COMMAND fetch:\n{stats}");
+
+    // An upstream that refuses COMMAND: the built-in table serves, and nobody is held up.
+    let refusing = portcullis::demo::RedisInstance::start(None, None).unwrap();
+    let mut admin = RawRedis::direct_to(refusing.port, "portcullis", &refusing.password).await;
+    assert_eq!(admin.call(&["ACL", "SETUSER", "portcullis", "-command"]).await, b"+OK\r\n");
+    let p = redis_proxy_for(&refusing, "", "").await;
+    let mut tasks = Vec::new();
+    for i in 0..n {
+        let port = p.redis_port();
+        tasks.push(tokio::spawn(async move {
+            let mut c = RawRedis::proxy(port).await;
+            assert_eq!(c.call(&["AUTH", "app", REDIS_APP_PW]).await, b"+OK\r\n");
+            assert_eq!(c.call(&["SET", &format!("fetch:{i}"), "v"]).await, b"+OK\r\n", "the built-in table");
+        }));
+    }
+    for t in tasks {
+        tokio::time::timeout(std::time::Duration::from_secs(30), t).await.expect("nobody waits for long").unwrap();
+    }
+    let stats = String::from_utf8(admin.call(&["INFO", "commandstats"]).await).unwrap();
+    assert!(stats.contains("cmdstat_command:calls=0,"), "refused, never run:\n{stats}");
+    let rejected: usize = stats
+        .lines()
+        .find_map(|l| l.strip_prefix("cmdstat_command:"))
+        .and_then(|l| l.split(',').find_map(|f| f.strip_prefix("rejected_calls=")))
+        .and_then(|v| v.parse().ok())
+        .expect("rejected_calls");
+    assert!(rejected < n, "those that waited for a refused fetch do not ask again ({rejected} of {n})");
 }
 
 #[tokio::test]

@@ -31,6 +31,9 @@ pub struct RedisListener {
     commands: RwLock<Arc<CommandTable>>,
     /// One upstream `COMMAND` fetch at a time: sessions connecting together use the first one's.
     pub(crate) command_fetch: tokio::sync::Mutex<()>,
+    /// Fetches attempted that did not install a table: a session that waited for one that
+    /// failed does not queue another behind it (each waiter's connect has a deadline).
+    pub(crate) command_fetch_failures: std::sync::atomic::AtomicUsize,
     /// Argon2id verification (bounded pool + verified-credential cache).
     pub argon: Argon2Pool,
     /// Keys the audit trail's key hashes (per process).
@@ -82,6 +85,7 @@ impl RedisListener {
             upstream_tls: RwLock::new(tls),
             commands: RwLock::new(Arc::new(CommandTable::builtin())),
             command_fetch: tokio::sync::Mutex::new(()),
+            command_fetch_failures: std::sync::atomic::AtomicUsize::new(0),
             argon: Argon2Pool::new(parallel),
             key_hash_secret,
             mux: mux::MuxPool::default(),

@@ -116,6 +116,7 @@ impl Session {
         if self.preauth_commands > PREAUTH_MAX_COMMANDS {
             self.local(ProtocolError("too many commands before authentication".into()).reply());
             self.quitting = true;
+            self.audit(Event::ConnRejected, "refused", Some("preauth_commands"));
             return;
         }
         if cstr_eq(args[0], b"quit") {
