@@ -226,6 +226,9 @@ async fn redis_clients_traffic_is_captured_and_goes_through_the_fuzz_targets() {
         }
     }
     assert!(child.wait().unwrap().success());
+    // -n a multiple of -P: with a short last batch, redis-benchmark 7.0 can free its only client
+    // before counting the last replies and abort with "All clients disconnected" (its own race,
+    // seen here without any proxy about once in a hundred runs).
     run(Command::new("redis-benchmark").args([
         "-p",
         &port,
@@ -236,7 +239,7 @@ async fn redis_clients_traffic_is_captured_and_goes_through_the_fuzz_targets() {
         "-t",
         "set,get,incr,lpush,rpop,sadd,hset,zadd,mset",
         "-n",
-        "100",
+        "96",
         "-c",
         "1",
         "-P",

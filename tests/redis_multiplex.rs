@@ -138,6 +138,44 @@ async fn clients_logging_in_together_join_one_connection() {
     }
 }
 
+/// CLIENT SETNAME / GETNAME are emulated on a shared connection with Redis's own replies and
+/// checks (a direct connection is the oracle), so named clients stay shared; one that then moves
+/// to its own connection takes its name there, where CLIENT INFO shows it.
+#[tokio::test]
+async fn client_names_are_kept_on_shared_connections() {
+    let r = RedisInstance::start(Some(std::process::id()), None).expect("redis-server starts");
+    let p = redis_proxy_for(&r, "", MUX).await;
+    let mut a = login(p.redis_port()).await;
+    let mut b = login(p.redis_port()).await;
+    let mut direct = RawRedis::direct_to(r.port, "portcullis", &r.password).await;
+    let steps: &[&[&str]] = &[
+        &["CLIENT", "GETNAME"],
+        &["CLIENT", "SETNAME", "app-1"],
+        &["CLIENT", "GETNAME"],
+        &["CLIENT", "SETNAME", "bad name"],
+        &["CLIENT", "SETNAME", "new\nline"],
+        &["CLIENT", "GETNAME"],
+        &["CLIENT", "SETNAME", ""],
+        &["CLIENT", "GETNAME"],
+        &["client", "setname", "app-2"],
+        &["CLIENT", "SETNAME"],
+        &["CLIENT", "GETNAME", "extra"],
+    ];
+    for step in steps {
+        assert_eq!(
+            String::from_utf8_lossy(&a.call(step).await),
+            String::from_utf8_lossy(&direct.call(step).await),
+            "{step:?}"
+        );
+    }
+    assert_eq!(b.call(&["CLIENT", "GETNAME"]).await, b"$-1\r\n", "a name is its own client's");
+    assert!(!p.metrics().contains("event=\"moved\""), "nobody moved:\n{}", p.metrics());
+    let info = String::from_utf8_lossy(&a.call(&["CLIENT", "INFO"]).await).to_string();
+    assert!(info.contains(" name=app-2 "), "its own connection carries the name: {info}");
+    assert_eq!(a.call(&["CLIENT", "GETNAME"]).await, b"$5\r\napp-2\r\n", "now from Redis itself");
+    assert_eq!(b.call(&["CLIENT", "GETNAME"]).await, b"$-1\r\n");
+}
+
 /// A pipeline that moves to a connection of its own half-way answers exactly as Redis does:
 /// the shared replies first, then the transaction that saw their writes.
 #[tokio::test]

@@ -377,6 +377,11 @@ fn needs_own_connection(info: &CommandInfo) -> bool {
     if info.name == "client|setinfo" {
         return false;
     }
+    // CLIENT SETNAME / GETNAME are emulated while shared (the name goes to the client's own
+    // connection if it moves to one).
+    if matches!(info.name.as_str(), "client|setname" | "client|getname") {
+        return false;
+    }
     info.has_flag("blocking")
         || info
             .categories
@@ -507,7 +512,7 @@ mod tests {
         let t = CommandTable::from_reply(&client_entry_7_2()).expect("a COMMAND reply");
         let own = |s: &str| t.lookup(&args(s)).map(|i| i.own_connection);
         assert_eq!(own("CLIENT SETINFO LIB-NAME go-redis"), Some(false), "labels the shared connection");
-        assert_eq!(own("client setname app"), Some(true), "a name is the client's own");
+        assert_eq!(own("client setname app"), Some(false), "emulated while shared");
     }
 
     #[test]
@@ -530,6 +535,8 @@ mod tests {
             "COMMAND DOCS",
             "XADD s * f v",
             "FLUSHALL",
+            "CLIENT SETNAME n",
+            "CLIENT GETNAME",
         ] {
             assert_eq!(own(shared), Some(false), "{shared}");
         }
@@ -546,7 +553,7 @@ mod tests {
             "SUBSCRIBE c",
             "PSUBSCRIBE p",
             "SSUBSCRIBE c",
-            "CLIENT SETNAME n",
+            "CLIENT ID",
             "CLIENT REPLY OFF",
             "HELLO 3",
             "AUTH p",

@@ -31,7 +31,7 @@ const ARGON_QUEUE_WAIT: Duration = Duration::from_secs(5);
 use super::codec::strict_int;
 
 /// Redis's client-name rule: no spaces, newlines or other characters outside '!'..'~'.
-fn valid_client_name(n: &[u8]) -> bool {
+pub(super) fn valid_client_name(n: &[u8]) -> bool {
     n.iter().all(|c| (b'!'..=b'~').contains(c))
 }
 
@@ -202,12 +202,33 @@ impl Session {
         // a client that speaks RESP3 (it moved off a RESP3 shared connection) keeps speaking it
         let hello = self.replies.resp3.then_some(3);
         match self.connect_upstream(&creds, hello).await {
-            Ok((io, _)) => {
+            Ok((mut io, _)) => {
+                self.name_own_connection(&mut io).await;
                 *up = Some(io);
                 self.upstream_creds = Some(creds);
                 true
             }
             Err(_) => false,
+        }
+    }
+
+    /// A client that named itself (CLIENT SETNAME) on a shared connection takes the name to its
+    /// own connection, where CLIENT LIST / INFO then show it. If the upstream refuses (its ACL
+    /// user may not), the connection serves unnamed.
+    async fn name_own_connection(&mut self, io: &mut Stream) {
+        let Some(name) = self.client_name.take() else { return };
+        let cmd = codec::encode_command(&[b"CLIENT", b"SETNAME", &name]);
+        let limit = self.shared.config().limits.upstream_connect_timeout;
+        let resp3 = self.replies.resp3;
+        let named = tokio::time::timeout(limit, async {
+            io.write_all(&cmd).await.ok()?;
+            io.flush().await.ok()?;
+            let mut buf = BytesMut::new();
+            read_one_reply(io, &mut buf, resp3).await.ok()
+        })
+        .await;
+        if !matches!(named, Ok(Some(r)) if r.as_ref() == OK) {
+            tracing::warn!("the upstream did not take the client's name");
         }
     }
 
@@ -298,7 +319,8 @@ impl Session {
             } else {
                 let hello = self.replies.resp3.then_some(3);
                 match self.connect_upstream(&creds, hello).await {
-                    Ok((io, _)) => {
+                    Ok((mut io, _)) => {
+                        self.name_own_connection(&mut io).await;
                         *up = Some(io);
                         true
                     }

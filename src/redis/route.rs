@@ -333,6 +333,34 @@ impl Session {
                 self.multi_dirty = false;
                 self.multi_mask.clear();
             }
+            "client|setname" if self.sharing() => {
+                // Emulated on a shared connection (whose name is not this client's), with Redis's
+                // own check; an empty name clears it.
+                let name = args[2];
+                if super::login::valid_client_name(name) {
+                    self.client_name = (!name.is_empty()).then(|| name.to_vec());
+                    self.local(Bytes::from_static(OK));
+                } else {
+                    self.local_error(error_line(
+                        "-ERR Client names cannot contain spaces, newlines or special characters.",
+                    ));
+                }
+                return false;
+            }
+            "client|getname" if self.sharing() => {
+                let reply = match &self.client_name {
+                    Some(n) => {
+                        let mut b = format!("${}\r\n", n.len()).into_bytes();
+                        b.extend_from_slice(n);
+                        b.extend_from_slice(b"\r\n");
+                        Bytes::from(b)
+                    }
+                    None if self.replies.resp3 => Bytes::from_static(b"_\r\n"),
+                    None => Bytes::from_static(b"$-1\r\n"),
+                };
+                self.local(reply);
+                return false;
+            }
             "client|reply" => {
                 // Emulated, never forwarded: the upstream always answers, the proxy drops.
                 if self.in_multi {

@@ -159,6 +159,9 @@ pub(super) struct Session {
     pub(super) pin_wanted: bool,
     /// A protocol error found after requests that wait for `pin_wanted`, reported after them.
     pub(super) deferred_error: Option<super::codec::ProtocolError>,
+    /// The name a client gave with CLIENT SETNAME while on a shared connection (emulated there;
+    /// set on its own connection if it moves to one).
+    pub(super) client_name: Option<Vec<u8>>,
     up_bytes: u64,
     down_bytes: u64,
     /// The listener's `bytes_total` counters, kept current as bytes flow.
@@ -218,6 +221,7 @@ pub async fn handle(acc: Accepted, l: Arc<RedisListener>, shared: Arc<Shared>) {
         pinned: false,
         pin_wanted: false,
         deferred_error: None,
+        client_name: None,
         up_bytes: 0,
         down_bytes: 0,
         bytes_metrics: shared.metrics.bytes(&cfg_name),
