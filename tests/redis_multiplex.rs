@@ -174,6 +174,18 @@ async fn client_names_are_kept_on_shared_connections() {
     assert!(info.contains(" name=app-2 "), "its own connection carries the name: {info}");
     assert_eq!(a.call(&["CLIENT", "GETNAME"]).await, b"$5\r\napp-2\r\n", "now from Redis itself");
     assert_eq!(b.call(&["CLIENT", "GETNAME"]).await, b"$-1\r\n");
+
+    // An upstream user that may not name its connections: the client's own connection serves
+    // unnamed, its replies in step.
+    let r = RedisInstance::start(Some(std::process::id()), None).expect("redis-server starts");
+    let mut admin = RawRedis::direct_to(r.port, "portcullis", &r.password).await;
+    assert_eq!(admin.call(&["ACL", "SETUSER", "portcullis", "-client|setname"]).await, b"+OK\r\n");
+    let p = redis_proxy_for(&r, "", MUX).await;
+    let mut a = login(p.redis_port()).await;
+    assert_eq!(a.call(&["CLIENT", "SETNAME", "app-3"]).await, b"+OK\r\n");
+    let info = String::from_utf8_lossy(&a.call(&["CLIENT", "INFO"]).await).to_string();
+    assert!(info.contains(" name= ") && info.contains(" cmd=client|info "), "its own reply, unnamed: {info}");
+    assert_eq!(a.call(&["PING"]).await, b"+PONG\r\n");
 }
 
 /// A pipeline that moves to a connection of its own half-way answers exactly as Redis does:

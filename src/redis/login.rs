@@ -203,7 +203,9 @@ impl Session {
         let hello = self.replies.resp3.then_some(3);
         match self.connect_upstream(&creds, hello).await {
             Ok((mut io, _)) => {
-                self.name_own_connection(&mut io).await;
+                if !self.name_own_connection(&mut io).await {
+                    return false;
+                }
                 *up = Some(io);
                 self.upstream_creds = Some(creds);
                 true
@@ -214,9 +216,10 @@ impl Session {
 
     /// A client that named itself (CLIENT SETNAME) on a shared connection takes the name to its
     /// own connection, where CLIENT LIST / INFO then show it. If the upstream refuses (its ACL
-    /// user may not), the connection serves unnamed.
-    async fn name_own_connection(&mut self, io: &mut Stream) {
-        let Some(name) = self.client_name.take() else { return };
+    /// user may not), the connection serves unnamed. False when no whole reply came back: the
+    /// connection is then out of step and must not be used.
+    async fn name_own_connection(&mut self, io: &mut Stream) -> bool {
+        let Some(name) = self.client_name.take() else { return true };
         let cmd = codec::encode_command(&[b"CLIENT", b"SETNAME", &name]);
         let limit = self.shared.config().limits.upstream_connect_timeout;
         let resp3 = self.replies.resp3;
@@ -227,8 +230,17 @@ impl Session {
             read_one_reply(io, &mut buf, resp3).await.ok()
         })
         .await;
-        if !matches!(named, Ok(Some(r)) if r.as_ref() == OK) {
-            tracing::warn!("the upstream did not take the client's name");
+        match named {
+            Ok(Some(r)) if r.as_ref() == OK => true,
+            Ok(Some(r)) => {
+                let reply = String::from_utf8_lossy(&r).trim_end().to_string();
+                tracing::warn!(%reply, "the upstream did not take the client's name");
+                true
+            }
+            _ => {
+                tracing::warn!("no reply to the client's name on its new upstream connection");
+                false
+            }
         }
     }
 
@@ -320,9 +332,11 @@ impl Session {
                 let hello = self.replies.resp3.then_some(3);
                 match self.connect_upstream(&creds, hello).await {
                     Ok((mut io, _)) => {
-                        self.name_own_connection(&mut io).await;
-                        *up = Some(io);
-                        true
+                        let in_step = self.name_own_connection(&mut io).await;
+                        if in_step {
+                            *up = Some(io);
+                        }
+                        in_step
                     }
                     Err(_) => false,
                 }
