@@ -445,7 +445,7 @@ async fn a_push_redirected_to_a_shared_connection_is_dropped() {
 
 /// HELLO without SETNAME keeps a client on shared connections, of the protocol it asks for
 /// (the reply is the shared connection's own HELLO reply); when a RESP3 client moves to its
-/// own connection, that one speaks RESP3 too; HELLO … SETNAME gets a connection of its own.
+/// own connection, that one speaks RESP3 too; HELLO … SETNAME shares too, its name kept.
 #[tokio::test]
 async fn hello_clients_share_connections_of_their_protocol() {
     let r = RedisInstance::start(Some(std::process::id()), None).expect("redis-server starts");
@@ -482,11 +482,18 @@ async fn hello_clients_share_connections_of_their_protocol() {
     two.send(&["HELLO", "2"]).await;
     let hello_two = two.read(false).await;
     assert!(hello_two.starts_with(b"*14\r\n"), "{}", String::from_utf8_lossy(&hello_two));
-    // HELLO … SETNAME names a connection of its own
+    // HELLO … SETNAME (go-redis with a ClientName) stays shared: the proxy keeps the name, and
+    // sets it on the client's own connection if it moves to one
     let mut named = RawRedis::proxy(p.redis_port()).await;
     named.send(&["HELLO", "3", "AUTH", "app", REDIS_APP_PW, "SETNAME", "mine"]).await;
-    assert!(named.read(true).await.starts_with(b"%7\r\n"));
+    assert_eq!(named.read(true).await, hello_a, "the shared RESP3 connection's reply");
     named.send(&["CLIENT", "GETNAME"]).await;
     assert_eq!(named.read(true).await, b"$4\r\nmine\r\n");
+    assert_eq!(upstream_conns(&r).await, 3, "no connection of its own");
+    named.send(&["HELLO", "3", "SETNAME", "bad name"]).await;
+    assert_eq!(named.read(true).await, b"-ERR Client names cannot contain spaces, newlines or special characters.\r\n");
+    named.send(&["CLIENT", "INFO"]).await;
+    let info = String::from_utf8_lossy(&named.read(true).await).to_string();
+    assert!(info.contains(" name=mine ") && info.contains(" resp=3"), "its own connection, named, RESP3: {info}");
     assert_eq!(upstream_conns(&r).await, 4);
 }

@@ -9,7 +9,7 @@ use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 
 use super::codec::{self, frame_reply};
-use super::command::{CommandTable, cstr_eq, cstr_lower};
+use super::command::{CommandTable, cstr_lower};
 use super::replies::{Effect, Slot};
 use super::session::{Identity, Piece, Session, error_line};
 use crate::audit::Event;
@@ -428,8 +428,7 @@ impl Session {
                 Some(v) => ver = Some(v as u8),
             }
         }
-        // Sharing (no SETNAME, or the route would have moved the client to its own connection):
-        // the protocol asked for is settled first, so that an AUTH in it links straight to the
+        // Sharing: the protocol asked for is settled first, so that an AUTH in it links straight to the
         // shared connection of that protocol; restored if the HELLO fails.
         let was_resp3 = self.replies.resp3;
         let sharing = self.sharing();
@@ -476,14 +475,18 @@ impl Session {
             self.local(Bytes::from_static(NOAUTH_HELLO));
             return;
         }
-        if sharing && setname.is_none() {
+        if sharing {
             // On a shared connection HELLO is answered by the proxy, with the shared connection's
-            // own HELLO reply for the protocol asked for (its id is the shared connection's).
+            // own HELLO reply for the protocol asked for (its id is the shared connection's); a
+            // name is kept as CLIENT SETNAME's is (set on the client's own connection if it moves).
             let creds = self.identity.as_ref().map(|i| i.upstream_creds()).unwrap_or_default();
             if !self.ensure_mux(&creds).await {
                 self.replies.resp3 = was_resp3;
                 self.local(Bytes::from_static(UPSTREAM_DOWN));
                 return;
+            }
+            if let Some(n) = setname {
+                self.client_name = (!n.is_empty()).then(|| n.to_vec());
             }
             let reply = self.mux.as_ref().map(|m| m.hello.clone()).unwrap_or_default();
             self.local(reply);
@@ -506,11 +509,6 @@ impl Session {
         let effect = ver.map_or(Effect::None, Effect::Hello);
         self.expect(Slot::Forward { n: 1, effect, visible: true, sub: false });
     }
-}
-
-/// True when a HELLO names the connection (`SETNAME`): that needs a connection of its own.
-pub(super) fn hello_sets_name(args: &[&[u8]]) -> bool {
-    args.iter().skip(2).any(|a| cstr_eq(a, b"setname"))
 }
 
 /// The AUTH command for `creds` (None when there is no password to send).

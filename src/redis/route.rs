@@ -135,15 +135,8 @@ impl Session {
         }
         match info.name.as_str() {
             "auth" => self.handle_auth(args, up, pieces).await,
-            "hello" => {
-                // HELLO … SETNAME names the connection: its own, never a shared one. (Without it,
-                // a shared connection of the protocol asked for will do.)
-                if self.multiplex && !self.pinned && super::login::hello_sets_name(args) {
-                    self.pinned = true;
-                    self.shared.metrics.redis_multiplex(&self.cfg.name, "moved");
-                }
-                self.handle_hello(args, up, pieces).await
-            }
+            // on a shared connection of the protocol asked for (a SETNAME in it is kept by the proxy)
+            "hello" => self.handle_hello(args, up, pieces).await,
             "reset" => self.local(Bytes::from_static(b"+RESET\r\n")),
             _ => self.local(Bytes::from_static(NOAUTH)),
         }
@@ -173,11 +166,9 @@ impl Session {
             self.local_error(error_line(&format!("-ERR wrong number of arguments for '{}' command", info.name)));
             return false;
         }
-        // HELLO without SETNAME, first in a batch with nothing owed, switches shared connections.
-        let hello_shared = info.name == "hello"
-            && !super::login::hello_sets_name(args)
-            && pieces.is_empty()
-            && self.mux.as_ref().is_none_or(|m| m.outstanding == 0);
+        // HELLO, first in a batch with nothing owed, switches shared connections.
+        let hello_shared =
+            info.name == "hello" && pieces.is_empty() && self.mux.as_ref().is_none_or(|m| m.outstanding == 0);
         if self.sharing() && info.own_connection && !hello_shared {
             // This client moves to a connection of its own: at once when the shared one owes
             // it nothing, else once every shared reply is in (this request and the rest wait,
