@@ -405,16 +405,10 @@ fn deliver(
             if end_of_ready > 0
                 && let Some(w) = waiting.front_mut()
             {
-                let chunk = buf.split_to(end_of_ready).freeze();
-                scanner.consumed(end_of_ready);
-                let _ = held.hold(buf.len(), limit);
-                hand(&w.reply, w.ready, chunk, memory, limit);
-                w.ready = 0;
+                hand_so_far(w, take_front(buf, scanner, held, limit, end_of_ready), memory, limit);
                 end_of_ready = 0;
             }
-            let _ = buf.split_to(end - start);
-            scanner.consumed(end - start);
-            let _ = held.hold(buf.len(), limit);
+            take_front(buf, scanner, held, limit, end - start);
             tracing::debug!("dropped a push on a shared upstream connection");
             continue;
         }
@@ -423,11 +417,8 @@ fn deliver(
         w.ready += 1;
         end_of_ready = end;
         if w.frames_left == 0 {
-            let chunk = buf.split_to(end_of_ready).freeze();
-            scanner.consumed(end_of_ready);
+            let chunk = take_front(buf, scanner, held, limit, end_of_ready);
             end_of_ready = 0;
-            // its charge moves from the read buffer to the client (not counted twice)
-            let _ = held.hold(buf.len(), limit);
             if let Some(w) = waiting.pop_front() {
                 if w.ends_write {
                     *writes -= 1;
@@ -440,13 +431,25 @@ fn deliver(
     if end_of_ready > 0
         && let Some(w) = waiting.front_mut()
     {
-        let chunk = buf.split_to(end_of_ready).freeze();
-        scanner.consumed(end_of_ready);
-        let _ = held.hold(buf.len(), limit);
-        hand(&w.reply, w.ready, chunk, memory, limit);
-        w.ready = 0;
+        hand_so_far(w, take_front(buf, scanner, held, limit, end_of_ready), memory, limit);
     }
     true
+}
+
+/// Takes `n` scanned bytes off the front of the read buffer: the scanner is told, and the
+/// buffer's charge is lowered to what stays (bytes handed to a client are charged there, not
+/// twice).
+fn take_front(buf: &mut BytesMut, scanner: &mut Scanner, held: &mut Held, limit: u64, n: usize) -> Bytes {
+    let chunk = buf.split_to(n).freeze();
+    scanner.consumed(n);
+    let _ = held.hold(buf.len(), limit);
+    chunk
+}
+
+/// Hands the head job's complete replies so far (`chunk`) to its client; the rest follow.
+fn hand_so_far(w: &mut Waiting, chunk: Bytes, memory: &Arc<RequestMemory>, limit: u64) {
+    hand(&w.reply, w.ready, chunk, memory, limit);
+    w.ready = 0;
 }
 
 /// Sends `frames` complete replies to client `c`, charged to the budget while they wait there.

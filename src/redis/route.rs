@@ -205,7 +205,7 @@ impl Session {
             }
             _ => {}
         }
-        let reachable = if self.mux_ready() && self.sharing() {
+        let reachable = if self.sharing() && self.mux_ready() {
             true
         } else if self.sharing() {
             let creds = self.identity.as_ref().map(|i| i.upstream_creds()).unwrap_or_default();
