@@ -147,14 +147,14 @@ impl Session {
             }
             // One fetch at a time: sessions connecting together take the first one's table, and
             // those that waited for one that failed keep the built-in table rather than try again.
-            let failures = self.l.command_fetch_failures.load(Relaxed);
-            let fetch = if self.commands.fallback { Some(self.l.command_fetch.lock().await) } else { None };
+            let failures = self.l.command_fetch.failures.load(Relaxed);
+            let fetch = if self.commands.fallback { Some(self.l.command_fetch.turn.lock().await) } else { None };
             if self.commands.fallback && !self.l.commands().fallback {
                 self.commands = self.l.commands();
             }
-            if self.commands.fallback && self.l.command_fetch_failures.load(Relaxed) == failures {
+            if self.commands.fallback && self.l.command_fetch.failures.load(Relaxed) == failures {
                 // counted as failed unless it installs a table (an error return included)
-                self.l.command_fetch_failures.fetch_add(1, Relaxed);
+                self.l.command_fetch.failures.fetch_add(1, Relaxed);
                 io.write_all(b"*1\r\n$7\r\nCOMMAND\r\n").await.map_err(UpstreamError::Connect)?;
                 io.flush().await.map_err(UpstreamError::Connect)?;
                 let reply = read_one_reply(&mut io, &mut buf, false).await?;

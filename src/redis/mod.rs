@@ -30,10 +30,7 @@ pub struct RedisListener {
     upstream_tls: RwLock<Option<UpstreamTlsClient>>,
     commands: RwLock<Arc<CommandTable>>,
     /// One upstream `COMMAND` fetch at a time: sessions connecting together use the first one's.
-    pub(crate) command_fetch: tokio::sync::Mutex<()>,
-    /// Fetches attempted that did not install a table: a session that waited for one that
-    /// failed does not queue another behind it (each waiter's connect has a deadline).
-    pub(crate) command_fetch_failures: std::sync::atomic::AtomicUsize,
+    command_fetch: mux::Gate,
     /// Argon2id verification (bounded pool + verified-credential cache).
     pub argon: Argon2Pool,
     /// Keys the audit trail's key hashes (per process).
@@ -84,8 +81,7 @@ impl RedisListener {
             users: RwLock::new(Arc::new(users)),
             upstream_tls: RwLock::new(tls),
             commands: RwLock::new(Arc::new(CommandTable::builtin())),
-            command_fetch: tokio::sync::Mutex::new(()),
-            command_fetch_failures: std::sync::atomic::AtomicUsize::new(0),
+            command_fetch: mux::Gate::default(),
             argon: Argon2Pool::new(parallel),
             key_hash_secret,
             mux: mux::MuxPool::default(),

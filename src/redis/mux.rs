@@ -175,7 +175,8 @@ pub struct MuxPool {
 /// A gate with its key: upstream address, credentials, protocol.
 type GateEntry = (String, Creds, u8, Arc<Gate>);
 
-/// Who may open the shared connection for one key.
+/// One attempt at a time at something several sessions want at once (opening a shared
+/// connection, fetching the command table).
 #[derive(Debug, Default)]
 pub(super) struct Gate {
     pub(super) turn: tokio::sync::Mutex<()>,
