@@ -256,8 +256,13 @@ fn property_matching_keys_always_expire_and_replies_match_the_policy_off() {
                 }
                 let with = run_ops(on.redis_port(), &cmds).await;
                 let without = run_ops(off.redis_port(), &cmds).await;
+                // Once a reply the policy may change did change (a transaction aborted by the
+                // policy's own write to a watched key), the two keyspaces differ by that documented
+                // rewrite, and so may every later reply: compared up to there.
+                let mut diverged = false;
                 for (i, ((w, wo), (_, may_differ))) in with.iter().zip(&without).zip(&cmds).enumerate() {
-                    if !may_differ {
+                    diverged |= *may_differ && w != wo;
+                    if !may_differ && !diverged {
                         prop_assert_eq!(
                             String::from_utf8_lossy(w),
                             String::from_utf8_lossy(wo),
