@@ -2,6 +2,7 @@
 //! the upstream connection the proxy opens and logs in with its own credentials for that user.
 //! The client's credentials never go upstream.
 
+use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, Instant};
 
@@ -113,8 +114,12 @@ impl Session {
     ) -> Result<(Stream, Option<Bytes>), UpstreamError> {
         let limit = self.shared.config().limits.upstream_connect_timeout;
         let t = Instant::now();
+        // The generation first, then the config it dials: a table fetched from an upstream that a
+        // reload since replaced is not installed.
+        let generation = self.l.command_generation();
+        let upstream = self.l.config().upstream.clone();
         let res = tokio::time::timeout(limit, async {
-            let tcp = dial(&self.cfg.upstream, limit).await?;
+            let tcp = dial(&upstream, limit).await?;
             let mut io = match self.l.upstream_tls() {
                 Some(tls) => tls.connect(tcp).await?,
                 None => Stream::Plain(tcp),
@@ -160,8 +165,14 @@ impl Session {
                 let reply = read_one_reply(&mut io, &mut buf, false).await?;
                 match CommandTable::from_reply(&reply) {
                     Some(t) => {
-                        self.l.set_commands(t);
-                        self.commands = self.l.commands();
+                        // This session keeps the table of the upstream it is connected to.
+                        let t = Arc::new(t);
+                        if !self.l.set_commands(generation, t.clone()) {
+                            tracing::info!(
+                                "the listener was reloaded during the COMMAND fetch; not installing its table"
+                            );
+                        }
+                        self.commands = t;
                     }
                     None => tracing::warn!("upstream COMMAND reply unusable; keeping the built-in command table"),
                 }

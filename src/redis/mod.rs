@@ -28,7 +28,9 @@ pub struct RedisListener {
     cfg: RwLock<Arc<RedisConfig>>,
     users: RwLock<Arc<UsersFile>>,
     upstream_tls: RwLock<Option<UpstreamTlsClient>>,
-    commands: RwLock<Arc<CommandTable>>,
+    /// The table in force and its generation (bumped by each reload, so that a fetch from the
+    /// old upstream that ends after a reload is not installed over the reset).
+    commands: RwLock<(u64, Arc<CommandTable>)>,
     /// One upstream `COMMAND` fetch at a time: sessions connecting together use the first one's.
     command_fetch: mux::Gate,
     /// Argon2id verification (bounded pool + verified-credential cache).
@@ -80,7 +82,7 @@ impl RedisListener {
             cfg: RwLock::new(Arc::new(cfg.clone())),
             users: RwLock::new(Arc::new(users)),
             upstream_tls: RwLock::new(tls),
-            commands: RwLock::new(Arc::new(CommandTable::builtin())),
+            commands: RwLock::new((0, Arc::new(CommandTable::builtin()))),
             command_fetch: mux::Gate::default(),
             argon: Argon2Pool::new(parallel),
             key_hash_secret,
@@ -105,12 +107,24 @@ impl RedisListener {
 
     /// The command table in force.
     pub fn commands(&self) -> Arc<CommandTable> {
-        read(&self.commands)
+        read(&self.commands).1
     }
 
-    /// Installs the upstream's own table.
-    pub fn set_commands(&self, t: CommandTable) {
-        write(&self.commands, Arc::new(t));
+    /// The command table's generation. Read it before the config whose upstream is asked for
+    /// its table: a reload writes the config first, then a new generation.
+    pub fn command_generation(&self) -> u64 {
+        read(&self.commands).0
+    }
+
+    /// Installs an upstream's own table, unless a reload came since `generation` was read;
+    /// returns whether it did.
+    pub fn set_commands(&self, generation: u64, t: Arc<CommandTable>) -> bool {
+        let mut g = self.commands.write().unwrap_or_else(|p| p.into_inner());
+        if g.0 != generation {
+            return false;
+        }
+        g.1 = t;
+        true
     }
 
     /// True when the users file changed since it was loaded.
@@ -138,7 +152,8 @@ impl RedisListener {
         write(&self.users, Arc::new(p.users));
         write(&self.upstream_tls, p.tls);
         write(&self.cfg, Arc::new(p.cfg));
-        write(&self.commands, Arc::new(CommandTable::builtin()));
+        let mut g = self.commands.write().unwrap_or_else(|p| p.into_inner());
+        *g = (g.0.wrapping_add(1), Arc::new(CommandTable::builtin()));
     }
 }
 
@@ -148,4 +163,39 @@ pub struct PreparedRedis {
     users: UsersFile,
     tls: Option<UpstreamTlsClient>,
     cfg: RedisConfig,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn dev_listener() -> RedisConfig {
+        let path = std::path::Path::new("config/dev.toml");
+        let cfg = crate::config::load(path).expect("the bundled dev config loads");
+        cfg.redis.into_iter().next().expect("a redis listener")
+    }
+
+    #[test]
+    fn a_command_table_fetched_before_a_reload_is_not_installed_after_it() {
+        let cfg = dev_listener();
+        let l = RedisListener::new(&cfg).expect("listener");
+        let entry = b"*1\r\n*7\r\n$3\r\nget\r\n:2\r\n*1\r\n+readonly\r\n:1\r\n:1\r\n:1\r\n*1\r\n+@read\r\n";
+        let fetched = || Arc::new(CommandTable::from_reply(entry).expect("a table"));
+        assert!(l.commands().fallback);
+
+        // A fetch that ends before any reload is installed.
+        assert!(l.set_commands(l.command_generation(), fetched()));
+        assert!(!l.commands().fallback);
+
+        // One that started before a reload and ends after it is not: the reload's reset stays.
+        let started = l.command_generation();
+        l.apply(RedisListener::prepare(&cfg).expect("prepare"));
+        assert!(l.commands().fallback, "a reload resets the table");
+        assert!(!l.set_commands(started, fetched()));
+        assert!(l.commands().fallback, "the old upstream's table was installed over the reset");
+
+        // The next fetch, from the reloaded upstream, is.
+        assert!(l.set_commands(l.command_generation(), fetched()));
+        assert!(!l.commands().fallback);
+    }
 }
