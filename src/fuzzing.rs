@@ -135,6 +135,13 @@ fn ttl_plan(info: &crate::redis::command::CommandInfo, args: &[&[u8]]) {
     }
 }
 
+/// Upstream replies framed for a session (the reply scanner, streaming of replies still
+/// arriving, the order of proxy-made replies between them): the client's bytes must not depend
+/// on how the reads split.
+pub fn replies(data: &[u8]) {
+    crate::redis::fuzz_read_splits(data);
+}
+
 fn block_on<F: std::future::Future>(f: F) -> F::Output {
     static RT: OnceLock<tokio::runtime::Runtime> = OnceLock::new();
     RT.get_or_init(|| tokio::runtime::Builder::new_current_thread().build().expect("runtime")).block_on(f)

@@ -7,6 +7,8 @@ pub mod command;
 mod login;
 mod mux;
 mod replies;
+#[doc(hidden)]
+pub(crate) use replies::fuzz_read_splits;
 mod route;
 mod scan;
 pub mod session;

@@ -351,11 +351,77 @@ impl Replies {
                 // Nothing expected: pass it on.
                 _ => out.push(Out::Upstream(frame)),
             }
+            // Proxy-made replies it was waiting for go now (before a push that may follow).
+            self.drain_locals(out);
         }
         self.drain_locals(out);
+        // A reply still arriving that answers a plain request (no effect, no subscription, not
+        // an error) needs nothing of its later bytes: what came of it goes on now, so a large
+        // value is held a read at a time, not whole. Its slot is settled when it completes.
+        if let Some((start, walked, top)) = self.scanner.partial()
+            && walked > start
+            && !matches!(top, b'>' | b'-' | b'!' | b'|')
+            && !self.subscribed()
+            && let Some(Slot::Forward { effect: Effect::None, visible, sub: false, .. }) = self.queue.front()
+        {
+            debug_assert_eq!(start, pos);
+            if *visible {
+                out.push(Out::Upstream(start..walked));
+            }
+            pos = walked;
+        }
         self.scanner.consumed(pos);
         Ok(pos)
     }
+}
+
+/// Fuzzing entry (`crate::fuzzing::replies`): upstream bytes `data[2..]` answer a queue of
+/// slots (`data[1]`'s bits: plain, hidden, a proxy-made reply between) in reads of `data[0] + 1`
+/// bytes. What the client gets must not depend on where the reads split, streaming included:
+/// it equals what one read of everything gives; an unparseable stream fails either way.
+#[doc(hidden)]
+pub(crate) fn fuzz_read_splits(data: &[u8]) {
+    let (Some(&chunk), Some(&shape), Some(upstream)) = (data.first(), data.get(1), data.get(2..)) else { return };
+    let queue = || {
+        let mut r = Replies::default();
+        for i in 0..64u32 {
+            match (shape >> (i % 8)) & 3 {
+                0 | 3 => r.push(Slot::forward(1 + i % 2)),
+                1 => r.push(Slot::swallow(1)),
+                _ => r.push(Slot::Local(Bytes::from_static(b"-NOPERM local\r\n"))),
+            }
+        }
+        r
+    };
+    let run = |size: usize| -> Option<Vec<u8>> {
+        let mut r = queue();
+        let (mut buf, mut got) = (Vec::new(), Vec::new());
+        // as the session does once the requests are queued
+        let mut first = Vec::new();
+        r.drain_locals(&mut first);
+        for o in first {
+            if let Out::Local(b) = o {
+                got.extend_from_slice(&b);
+            }
+        }
+        for piece in upstream.chunks(size.max(1)) {
+            buf.extend_from_slice(piece);
+            let mut out = Vec::new();
+            let used = r.on_upstream(&buf, &mut out).ok()?;
+            assert!(used <= buf.len());
+            for o in out {
+                match o {
+                    Out::Upstream(rg) => got.extend_from_slice(&buf[rg]),
+                    Out::Local(b) => got.extend_from_slice(&b),
+                }
+            }
+            buf.drain(..used);
+        }
+        Some(got)
+    };
+    let (split, whole) = (run(usize::from(chunk) + 1), run(upstream.len()));
+    assert_eq!(split.is_some(), whole.is_some(), "an error must not depend on read splits");
+    assert!(split == whole, "the client's bytes must not depend on read splits");
 }
 
 #[cfg(test)]
@@ -534,5 +600,85 @@ mod tests {
         r.push(Slot::Forward { n: 1, effect: Effect::Hello(3), visible: true, sub: false });
         run(&mut r, b"-NOPROTO unsupported protocol version\r\n");
         assert!(!r.resp3);
+    }
+
+    /// Feeds `upstream` in `chunk`-byte reads, as the session does (it drops what was used);
+    /// returns what the client got after each read.
+    fn feed(r: &mut Replies, upstream: &[u8], chunk: usize) -> Vec<Vec<u8>> {
+        let mut buf = Vec::new();
+        let mut got = Vec::new();
+        for piece in upstream.chunks(chunk) {
+            buf.extend_from_slice(piece);
+            let mut out = Vec::new();
+            let used = r.on_upstream(&buf, &mut out).unwrap();
+            let mut now = Vec::new();
+            for o in out {
+                match o {
+                    Out::Upstream(rg) => now.extend_from_slice(&buf[rg]),
+                    Out::Local(b) => now.extend_from_slice(&b),
+                }
+            }
+            got.push(now);
+            buf.drain(..used);
+        }
+        assert!(buf.is_empty(), "all of it used by the end");
+        got
+    }
+
+    #[test]
+    fn a_plain_reply_is_streamed_as_it_arrives_and_the_order_kept() {
+        let value = vec![b'v'; 10_000];
+        let mut big = format!("${}\r\n", value.len()).into_bytes();
+        big.extend_from_slice(&value);
+        big.extend_from_slice(b"\r\n");
+        let mut arr = b"*3\r\n$5\r\nfirst\r\n".to_vec();
+        arr.extend_from_slice(&big);
+        arr.extend_from_slice(b":7\r\n");
+        let local = |t: &'static [u8]| Slot::Local(Bytes::from_static(t));
+        for chunk in [1, 7, 1000, 4096] {
+            let mut r = Replies::default();
+            for s in [local(b"-L1\r\n"), fwd(1), local(b"-L2\r\n"), fwd(1), fwd(1)] {
+                r.push(s);
+            }
+            let upstream = [big.as_slice(), arr.as_slice(), b"+OK\r\n"].concat();
+            let got = feed(&mut r, &upstream, chunk);
+            let all = got.concat();
+            assert_eq!(all, [b"-L1\r\n".as_slice(), &big, b"-L2\r\n", &arr, b"+OK\r\n"].concat(), "chunk {chunk}");
+            // streamed: the client had most of the value before its last byte came
+            let before_end: usize = got[..got.len() - 1].iter().map(Vec::len).sum();
+            assert!(before_end > big.len() + arr.len() - 2 * chunk.max(16), "chunk {chunk}: {before_end}");
+            assert!(r.idle());
+        }
+    }
+
+    #[test]
+    fn replies_that_need_their_whole_frame_are_not_streamed() {
+        let mut big = b"$3000\r\n".to_vec();
+        big.extend_from_slice(&[b'x'; 3000]);
+        big.extend_from_slice(b"\r\n");
+        let mut blob_err = b"!3000\r\n".to_vec();
+        blob_err.extend_from_slice(&[b'e'; 3000]);
+        blob_err.extend_from_slice(b"\r\n");
+        let hello = Slot::Forward { n: 1, effect: Effect::Hello(3), visible: true, sub: false };
+        let exec = Slot::Forward { n: 1, effect: Effect::ExecStrip, visible: true, sub: false };
+        let mut exec_reply = b"*1\r\n".to_vec();
+        exec_reply.extend_from_slice(&big);
+        let cases: Vec<(Slot, &[u8])> = vec![(hello, &big), (exec, &exec_reply), (fwd(1), &blob_err), (sub(1), &big)];
+        for (slot, reply) in cases {
+            let mut r = Replies::default();
+            if matches!(slot, Slot::Forward { effect: Effect::ExecStrip, .. }) {
+                r.expect_exec_mask(vec![true]);
+            }
+            r.push(slot.clone());
+            let got = feed(&mut r, reply, 1000);
+            assert!(got[..got.len() - 1].iter().all(Vec::is_empty), "{slot:?}: held until whole");
+            assert_eq!(got.concat(), reply, "{slot:?}");
+        }
+        // a hidden reply is dropped as it arrives
+        let mut r = Replies::default();
+        r.push(Slot::swallow(1));
+        r.push(fwd(1));
+        let got = feed(&mut r, &[big.as_slice(), b":1\r\n"].concat(), 1000);
+        assert_eq!(got.concat(), b":1\r\n");
     }
 }

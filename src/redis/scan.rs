@@ -22,6 +22,9 @@ pub(super) struct Scanner {
     idle: bool,
     /// Per open level: whether its first child has been read.
     first_seen: Vec<bool>,
+    /// Bytes of a bulk string's body (and its CRLF) still to arrive: a large value is walked
+    /// into as it arrives, so what came of it can be streamed on.
+    body_left: usize,
 }
 
 /// Longest head string kept (pub/sub kinds are short).
@@ -33,7 +36,16 @@ fn parse_len(b: &[u8]) -> Result<i64, String> {
 
 impl Default for Scanner {
     fn default() -> Self {
-        Scanner { start: 0, pos: 0, stack: Vec::new(), top: 0, head: None, idle: true, first_seen: Vec::new() }
+        Scanner {
+            start: 0,
+            pos: 0,
+            stack: Vec::new(),
+            top: 0,
+            head: None,
+            idle: true,
+            first_seen: Vec::new(),
+            body_left: 0,
+        }
     }
 }
 
@@ -42,6 +54,19 @@ impl Scanner {
     /// `buf[start..end]`; `Ok(None)`: more bytes needed (state kept).
     pub(super) fn next(&mut self, buf: &[u8], resp3: bool) -> Result<Option<(usize, usize, ReplyKind)>, String> {
         let _ = resp3; // RESP2 is a subset of what is scanned here
+        if self.body_left > 0 {
+            let here = buf.len().saturating_sub(self.pos);
+            if here < self.body_left {
+                self.body_left -= here;
+                self.pos = buf.len();
+                return Ok(None);
+            }
+            self.pos += self.body_left;
+            self.body_left = 0;
+            if let Some(done) = self.leaf_done() {
+                return Ok(Some(done));
+            }
+        }
         loop {
             if self.pos >= buf.len() {
                 return Ok(None);
@@ -58,8 +83,10 @@ impl Scanner {
                     if n < 0 {
                         (after, 0)
                     } else {
-                        let end = after + n as usize + 2;
-                        if end > buf.len() {
+                        let end = after.saturating_add(n as usize).saturating_add(2);
+                        // A partial body is walked into, unless it may be a pub/sub kind whose
+                        // first bytes have not come yet.
+                        if end > buf.len() && buf.len() < after + (n as usize).min(HEAD_MAX) && self.head_candidate() {
                             return Ok(None);
                         }
                         (end, 0)
@@ -79,14 +106,17 @@ impl Scanner {
                 self.start = self.pos;
                 self.top = t;
                 self.head = None;
-            } else if self.stack.len() == 1
-                && self.head.is_none()
-                && matches!(t, b'$' | b'+')
-                && matches!(self.top, b'*' | b'>')
-                && self.first_child_pending()
-            {
-                let body = if t == b'$' { &buf[after..consumed_to.saturating_sub(2).max(after)] } else { header };
+            } else if matches!(t, b'$' | b'+') && self.head_candidate() {
+                // (of a body still arriving, what came: at least the HEAD_MAX first bytes)
+                let body =
+                    if t == b'$' { &buf[after..consumed_to.saturating_sub(2).clamp(after, buf.len())] } else { header };
                 self.head = Some(String::from_utf8_lossy(&body[..body.len().min(HEAD_MAX)]).to_ascii_lowercase());
+            }
+            if consumed_to > buf.len() {
+                // into a bulk body that is still arriving
+                self.body_left = consumed_to - buf.len();
+                self.pos = buf.len();
+                return Ok(None);
             }
             self.pos = consumed_to;
             if children > 0 {
@@ -94,37 +124,55 @@ impl Scanner {
                 self.first_seen.push(false);
                 continue;
             }
-            // A leaf (or empty aggregate) completed: close finished levels.
-            loop {
-                match self.stack.last_mut() {
-                    None => {
-                        let kind = match self.top {
-                            b'>' => ReplyKind::Push(self.head.take().unwrap_or_default()),
-                            b'*' => ReplyKind::Array(self.head.take().unwrap_or_default()),
-                            b'-' | b'!' => ReplyKind::Error,
-                            _ => ReplyKind::Other,
-                        };
-                        self.idle = true;
-                        return Ok(Some((self.start, self.pos, kind)));
+            if let Some(done) = self.leaf_done() {
+                return Ok(Some(done));
+            }
+        }
+    }
+
+    /// A leaf (or empty aggregate) completed: closes the levels it finished; the reply, when
+    /// that was its last element.
+    fn leaf_done(&mut self) -> Option<(usize, usize, ReplyKind)> {
+        loop {
+            match self.stack.last_mut() {
+                None => {
+                    let kind = match self.top {
+                        b'>' => ReplyKind::Push(self.head.take().unwrap_or_default()),
+                        b'*' => ReplyKind::Array(self.head.take().unwrap_or_default()),
+                        b'-' | b'!' => ReplyKind::Error,
+                        _ => ReplyKind::Other,
+                    };
+                    self.idle = true;
+                    return Some((self.start, self.pos, kind));
+                }
+                Some(n) => {
+                    *n -= 1;
+                    if let Some(f) = self.first_seen.last_mut() {
+                        *f = true;
                     }
-                    Some(n) => {
-                        *n -= 1;
-                        if let Some(f) = self.first_seen.last_mut() {
-                            *f = true;
-                        }
-                        if *n > 0 {
-                            break;
-                        }
-                        self.stack.pop();
-                        self.first_seen.pop();
+                    if *n > 0 {
+                        return None;
                     }
+                    self.stack.pop();
+                    self.first_seen.pop();
                 }
             }
         }
     }
 
-    fn first_child_pending(&self) -> bool {
-        self.first_seen.last().is_some_and(|f| !f)
+    /// The element being read is the first of a top-level array or push (its pub/sub kind).
+    fn head_candidate(&self) -> bool {
+        !self.idle
+            && self.stack.len() == 1
+            && self.head.is_none()
+            && matches!(self.top, b'*' | b'>')
+            && self.first_seen.last().is_some_and(|f| !f)
+    }
+
+    /// The reply being read, when one has begun: its first byte's offset, how far it has been
+    /// walked (every byte before that belongs to it and is well-formed), and its type byte.
+    pub(super) fn partial(&self) -> Option<(usize, usize, u8)> {
+        (!self.idle).then_some((self.start, self.pos, self.top))
     }
 
     /// True between replies with nothing scanned ahead (the buffer it scans is empty).
@@ -194,6 +242,43 @@ mod tests {
                 };
                 assert_eq!(n, f.len());
             }
+        }
+    }
+
+    #[test]
+    fn a_reply_taken_as_it_arrives_adds_up_to_the_same_frame_and_kind() {
+        let mut long = b"*2\r\n$7\r\nmessage\r\n$3000\r\n".to_vec();
+        long.extend_from_slice(&[b'x'; 3000]);
+        long.extend_from_slice(b"\r\n");
+        let mut value = b"$5000\r\n".to_vec();
+        value.extend_from_slice(&[b'y'; 5000]);
+        value.extend_from_slice(b"\r\n");
+        let replies: Vec<(&[u8], ReplyKind)> = vec![
+            (&long, ReplyKind::Array("message".into())),
+            (&value, ReplyKind::Other),
+            (b">2\r\n$10\r\ninvalidate\r\n*1\r\n$1\r\nk\r\n", ReplyKind::Push("invalidate".into())),
+            (b"!9\r\nERR 12345\r\n", ReplyKind::Error),
+        ];
+        let all: Vec<u8> = replies.iter().flat_map(|r| r.0.to_vec()).collect();
+        for chunk in [1, 3, 9, 700, all.len()] {
+            let (mut s, mut buf, mut cur, mut got) = (Scanner::default(), Vec::new(), Vec::new(), Vec::new());
+            for piece in all.chunks(chunk) {
+                buf.extend_from_slice(piece);
+                while let Some((a, b, k)) = s.next(&buf, true).unwrap() {
+                    cur.extend_from_slice(&buf[a..b]);
+                    got.push((std::mem::take(&mut cur), k));
+                    buf.drain(..b);
+                    s.consumed(b);
+                }
+                // what has been walked of the reply still arriving is taken now
+                if let Some((a, b, _)) = s.partial() {
+                    cur.extend_from_slice(&buf[a..b]);
+                    buf.drain(..b);
+                    s.consumed(b);
+                }
+            }
+            let want: Vec<(Vec<u8>, ReplyKind)> = replies.iter().map(|(f, k)| (f.to_vec(), k.clone())).collect();
+            assert!(got == want, "chunk {chunk}");
         }
     }
 
