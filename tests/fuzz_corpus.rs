@@ -42,3 +42,8 @@ fn config_corpus() {
 fn ttl_corpus() {
     replay("ttl", portcullis::fuzzing::ttl);
 }
+
+#[test]
+fn replies_corpus() {
+    replay("replies", portcullis::fuzzing::replies);
+}
