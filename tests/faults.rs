@@ -155,6 +155,43 @@ async fn redis_path_cut_mid_session() {
     assert_eq!(d.call(&["GET", "fault:a"]).await, b"$1\r\n1\r\n");
 }
 
+/// The path is cut while a large reply is on its way: the client gets the part that came and
+/// then the end of the connection, never an error inside the value (part of it has gone out:
+/// on a client's own connection a plain reply streams). A shared connection hands over whole
+/// replies: the client gets all of it, or the error in its place.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_path_cut_mid_reply() {
+    let mut relay = Relay::start(redis().port).await;
+    let p = redis_proxy("", &format!("upstream = \"127.0.0.1:{}\"", relay.port)).await;
+    let mut admin = RawRedis::direct_as("portcullis", &redis().password).await;
+    let value = vec![b'v'; 64 << 20];
+    admin.send_raw(&portcullis::redis::codec::encode_command(&[b"SET", b"fault:big", &value])).await;
+    assert_eq!(admin.read(false).await, b"+OK\r\n");
+    let mut a = RawRedis::proxy(p.redis_port()).await;
+    assert_eq!(a.call(&["AUTH", "app", REDIS_APP_PW]).await, b"+OK\r\n");
+    // not read yet: the reply backs up in the proxy and the sockets
+    a.send(&["GET", "fault:big"]).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    relay.sever();
+    let header = b"$67108864\r\n";
+    if redis_multiplexed() {
+        // the shared connection may have read all of it before the cut (then it is delivered)
+        let got = a.read(false).await;
+        let whole = got.len() == header.len() + value.len() + 2 && got[header.len()..got.len() - 2] == value[..];
+        assert!(
+            whole || got == b"-ERR upstream unavailable\r\n",
+            "{:?}",
+            String::from_utf8_lossy(&got[..got.len().min(40)])
+        );
+    } else {
+        let got = a.read_to_end().await;
+        assert!(got.starts_with(header), "{:?}", String::from_utf8_lossy(&got[..got.len().min(40)]));
+        assert!(got.len() < header.len() + value.len(), "cut short: {}", got.len());
+        assert!(got[header.len()..].iter().all(|b| *b == b'v'), "only bytes of the value, no error inside it");
+    }
+    assert_eq!(admin.call(&["DEL", "fault:big"]).await, b":1\r\n");
+}
+
 /// An upstream that accepts and never says a word: logins end at `upstream_connect_timeout`
 /// with the protocol's error, not a hang.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -95,6 +95,9 @@ pub(super) struct Replies {
     exec_masks: VecDeque<Vec<bool>>,
     /// Upstream replies expected so far (the frame count of what goes to a shared connection).
     pub(super) frames_expected: u64,
+    /// Part of the reply still arriving has gone to the client (streamed): nothing may be
+    /// written in its place or before its end.
+    pub(super) mid_reply: bool,
 }
 
 /// EXEC's array without the elements `mask` says to drop; None when the reply is not an array
@@ -277,6 +280,7 @@ impl Replies {
             };
             let Some((start, end, kind)) = self.scanner.next(buf, resp3)? else { break };
             debug_assert_eq!(start, pos);
+            self.mid_reply = false;
             let frame = start..end;
             pos = end;
             // The request this reply may answer: the first slot that is not a proxy-made reply.
@@ -367,6 +371,7 @@ impl Replies {
             debug_assert_eq!(start, pos);
             if *visible {
                 out.push(Out::Upstream(start..walked));
+                self.mid_reply = true;
             }
             pos = walked;
         }

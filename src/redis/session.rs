@@ -580,7 +580,7 @@ impl Session {
     /// word of it (an idle client, or one whose pending replies are all hidden, gets none: an
     /// unasked reply would be taken for its next command's); the session ends.
     async fn upstream_gone(&mut self, client: &mut Stream, ubuf: &[u8]) -> ConnOutcome {
-        if self.replies.owes_visible() && ubuf.is_empty() {
+        if self.replies.owes_visible() && ubuf.is_empty() && !self.replies.mid_reply {
             let _ = client.write_all(super::login::UPSTREAM_DOWN).await;
         }
         tracing::warn!("upstream closed the session");
@@ -611,7 +611,7 @@ impl Session {
             let limit = self.shared.config().limits.max_buffered_bytes;
             if !self.reply_held.hold(ubuf.len(), limit) {
                 tracing::warn!(pending = ubuf.len(), "buffer memory budget exhausted: dropping a reply");
-                if self.replies.owes_visible() {
+                if self.replies.owes_visible() && !self.replies.mid_reply {
                     let _ = client.write_all(REPLY_TOO_LARGE).await;
                 }
                 let _ = client.shutdown().await;

@@ -502,6 +502,19 @@ impl RawRedis {
         self.read(false).await
     }
 
+    /// Everything until the server closes the connection (or it fails), raw.
+    pub async fn read_to_end(&mut self) -> Vec<u8> {
+        use tokio::io::AsyncReadExt;
+        let mut tmp = vec![0u8; 65536];
+        loop {
+            match tokio::time::timeout(std::time::Duration::from_secs(10), self.io.read(&mut tmp)).await {
+                Ok(Ok(n)) if n > 0 => self.buf.extend_from_slice(&tmp[..n]),
+                Ok(_) => return std::mem::take(&mut self.buf),
+                Err(_) => panic!("not closed within 10 s"),
+            }
+        }
+    }
+
     /// True when the server closed the connection (after any pending bytes).
     pub async fn closed(&mut self) -> bool {
         use tokio::io::AsyncReadExt;
