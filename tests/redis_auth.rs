@@ -71,6 +71,47 @@ async fn clients_connecting_together_fetch_the_command_table_once() {
     assert!(rejected < n, "those that waited for a refused fetch do not ask again ({rejected} of {n})");
 }
 
+fn command_calls(stats: &[u8]) -> usize {
+    String::from_utf8_lossy(stats)
+        .lines()
+        .find_map(|l| l.strip_prefix("cmdstat_command:calls="))
+        .and_then(|l| l.split(',').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+/// After a reload to another upstream, a session that took the old upstream's command table
+/// (accepted before the reload, authenticated after it) fetches the new upstream's when it
+/// connects there, rather than applying the old server's table to the new one; sessions after
+/// it take that one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_to_another_upstream_fetches_its_command_table() {
+    let old = portcullis::demo::RedisInstance::start(None, None).unwrap();
+    let new = portcullis::demo::RedisInstance::start(None, None).unwrap();
+    let p = redis_proxy_for(&old, "", "").await;
+    let mut first = RawRedis::proxy(p.redis_port()).await;
+    assert_eq!(first.call(&["AUTH", "app", REDIS_APP_PW]).await, b"+OK\r\n");
+    let mut early = RawRedis::proxy(p.redis_port()).await;
+    assert_eq!(early.call(&["PING"]).await, b"-NOAUTH Authentication required.\r\n");
+
+    let cfg = std::fs::read_to_string(&p.config_path).unwrap();
+    let moved = cfg.replace(&format!("127.0.0.1:{}\"", old.port), &format!("127.0.0.1:{}\"", new.port));
+    assert_ne!(cfg, moved);
+    std::fs::write(&p.config_path, moved).unwrap();
+    std::fs::write(p.dir.path().join("redis.pass"), &new.password).unwrap();
+    p.running.reload().expect("reload");
+
+    let mut admin = RawRedis::direct_to(new.port, "portcullis", &new.password).await;
+    assert_eq!(early.call(&["AUTH", "app", REDIS_APP_PW]).await, b"+OK\r\n");
+    assert_eq!(early.call(&["SET", "moved:a", "v"]).await, b"+OK\r\n");
+    assert_eq!(command_calls(&admin.call(&["INFO", "commandstats"]).await), 1, "the new upstream's table, fetched");
+    let mut later = RawRedis::proxy(p.redis_port()).await;
+    assert_eq!(later.call(&["AUTH", "app", REDIS_APP_PW]).await, b"+OK\r\n");
+    assert_eq!(later.call(&["GET", "moved:a"]).await, b"$1\r\nv\r\n", "on the new upstream");
+    assert_eq!(command_calls(&admin.call(&["INFO", "commandstats"]).await), 1, "and used by the next session");
+    assert_eq!(first.call(&["PING"]).await, b"+PONG\r\n", "the session on the old upstream carries on");
+}
+
 #[tokio::test]
 async fn preauth_commands_get_redis_own_answers_and_never_reach_it() {
     // A private Redis, so that nothing else counts in its stats.

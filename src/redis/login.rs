@@ -118,9 +118,10 @@ impl Session {
         // reload since replaced is not installed.
         let generation = self.l.command_generation();
         let upstream = self.l.config().upstream.clone();
+        let tls = self.l.upstream_tls();
         let res = tokio::time::timeout(limit, async {
             let tcp = dial(&upstream, limit).await?;
-            let mut io = match self.l.upstream_tls() {
+            let mut io = match tls {
                 Some(tls) => tls.connect(tcp).await?,
                 None => Stream::Plain(tcp),
             };
@@ -152,19 +153,25 @@ impl Session {
             }
             // One fetch at a time: sessions connecting together take the first one's table, and
             // those that waited for one that failed keep the built-in table rather than try again.
+            // A table from before a reload (another upstream's) is fetched again too.
+            let stale = |s: &Self| s.commands.fallback || s.commands_generation != generation;
             let failures = self.l.command_fetch.failures.load(Relaxed);
-            let fetch = if self.commands.fallback { Some(self.l.command_fetch.turn.lock().await) } else { None };
-            if self.commands.fallback && !self.l.commands().fallback {
-                self.commands = self.l.commands();
+            let fetch = if stale(self) { Some(self.l.command_fetch.turn.lock().await) } else { None };
+            if stale(self) {
+                let (g, t) = self.l.command_entry();
+                if g == generation && !t.fallback {
+                    (self.commands, self.commands_generation) = (t, g);
+                }
             }
-            if self.commands.fallback && self.l.command_fetch.failures.load(Relaxed) == failures {
-                // counted as failed unless it installs a table (an error return included)
+            if stale(self) && self.l.command_fetch.failures.load(Relaxed) == failures {
+                // counted as failed unless it gets a table (an error return included)
                 self.l.command_fetch.failures.fetch_add(1, Relaxed);
                 io.write_all(b"*1\r\n$7\r\nCOMMAND\r\n").await.map_err(UpstreamError::Connect)?;
                 io.flush().await.map_err(UpstreamError::Connect)?;
                 let reply = read_one_reply(&mut io, &mut buf, false).await?;
                 match CommandTable::from_reply(&reply) {
                     Some(t) => {
+                        self.l.command_fetch.failures.fetch_sub(1, Relaxed);
                         // This session keeps the table of the upstream it is connected to.
                         let t = Arc::new(t);
                         if !self.l.set_commands(generation, t.clone()) {
@@ -172,10 +179,14 @@ impl Session {
                                 "the listener was reloaded during the COMMAND fetch; not installing its table"
                             );
                         }
-                        self.commands = t;
+                        (self.commands, self.commands_generation) = (t, generation);
                     }
                     None => tracing::warn!("upstream COMMAND reply unusable; keeping the built-in command table"),
                 }
+            }
+            if self.commands_generation != generation {
+                // no table of this upstream's (its fetch failed): not the old one's either
+                (self.commands, self.commands_generation) = (Arc::new(CommandTable::builtin()), generation);
             }
             drop(fetch);
             let mut hello_reply = None;

@@ -112,6 +112,11 @@ impl RedisListener {
         read(&self.commands).1
     }
 
+    /// The command table in force and its generation, read together.
+    pub fn command_entry(&self) -> (u64, Arc<CommandTable>) {
+        read(&self.commands)
+    }
+
     /// The command table's generation. Read it before the config whose upstream is asked for
     /// its table: a reload writes the config first, then a new generation.
     pub fn command_generation(&self) -> u64 {

@@ -355,6 +355,11 @@ impl Replies {
                 // Nothing expected: pass it on.
                 _ => out.push(Out::Upstream(frame)),
             }
+            if self.auth_rejected {
+                // The session ends here: nothing after the refusal goes to the client.
+                self.scanner.consumed(pos);
+                return Ok(pos);
+            }
             // Proxy-made replies it was waiting for go now (before a push that may follow).
             self.drain_locals(out);
         }
@@ -550,11 +555,15 @@ mod tests {
         let got = run(&mut r, b"-NOPERM channels\r\n");
         assert_eq!(got, vec![b"-NOPERM channels\r\n".to_vec(), b"-L\r\n".to_vec()]);
         assert!(r.idle() && !r.subscribed());
-        // hidden replies (CLIENT REPLY OFF) still count, and an AuthCheck error is noticed
+        // hidden replies (CLIENT REPLY OFF) still count, and an AuthCheck error is noticed: the
+        // session ends there, nothing after it goes to the client (it ran as the old user)
+        r.push(fwd(1));
         r.push(Slot::Forward { n: 1, effect: Effect::AuthCheck, visible: false, sub: false });
         r.push(fwd(1));
-        let got = run(&mut r, b"-WRONGPASS x\r\n+OK\r\n");
-        assert_eq!(got, vec![b"+OK\r\n".to_vec()]);
+        let mut out = Vec::new();
+        let upstream = b"+A\r\n-WRONGPASS x\r\n+OK\r\n";
+        assert_eq!(r.on_upstream(upstream, &mut out), Ok(upstream.len() - 5));
+        assert_eq!(out, vec![Out::Upstream(0..4)]);
         assert!(r.auth_rejected);
     }
 

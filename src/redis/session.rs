@@ -123,6 +123,8 @@ pub(super) struct Session {
     /// The credentials the upstream connection is logged in with (None: not logged in).
     pub(super) upstream_creds: Option<(Option<String>, Option<SecretRef>)>,
     pub(super) commands: Arc<CommandTable>,
+    /// The listener's table generation `commands` belongs to (a reload starts a new one).
+    pub(super) commands_generation: u64,
     pub(super) replies: Replies,
     pub(super) in_multi: bool,
     pub(super) multi_dirty: bool,
@@ -145,7 +147,7 @@ pub(super) struct Session {
     pub(super) auth_deadline: Option<Instant>,
     /// This connection's share of the process-wide buffer budget: a request still arriving.
     pub(super) held: crate::net::memory::Held,
-    /// The same for a reply still arriving (replies go to the client whole frames at a time).
+    /// The same for a reply still arriving that must be whole before it goes on (plain replies stream).
     reply_held: crate::net::memory::Held,
     /// The shared upstream connection this client's requests go to (`pool = "multiplex"`).
     pub(super) mux: Option<super::mux::Link>,
@@ -187,7 +189,7 @@ pub async fn handle(acc: Accepted, l: Arc<RedisListener>, shared: Arc<Shared>) {
     let cfg = l.config();
     let cfg_name = cfg.name.clone();
     let multiplex = cfg.multiplex;
-    let commands = l.commands();
+    let (commands_generation, commands) = l.command_entry();
     let limit = shared.config().limits.handshake_timeout;
     let deadline = Instant::now() + limit;
     let mut s = Session {
@@ -202,6 +204,7 @@ pub async fn handle(acc: Accepted, l: Arc<RedisListener>, shared: Arc<Shared>) {
         ever_authenticated: false,
         upstream_creds: None,
         commands,
+        commands_generation,
         replies: Replies::default(),
         in_multi: false,
         multi_dirty: false,
@@ -605,8 +608,8 @@ impl Session {
         }
         drop(chunk);
         // A reply still arriving beyond the free share is held against the same budget as
-        // requests; one that cannot be is answered with an error in its place (nothing of it
-        // has gone out) and the session ends.
+        // requests; one that cannot be is answered with an error in its place (unless part of
+        // one streamed has gone out: then nothing more) and the session ends.
         if ubuf.len() > FREE_PER_CONNECTION || self.reply_held.bytes() > 0 {
             let limit = self.shared.config().limits.max_buffered_bytes;
             if !self.reply_held.hold(ubuf.len(), limit) {
