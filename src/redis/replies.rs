@@ -386,7 +386,8 @@ impl Replies {
 }
 
 /// Fuzzing entry (`crate::fuzzing::replies`): upstream bytes `data[2..]` answer a queue of
-/// slots (`data[1]`'s bits: plain, hidden, a proxy-made reply between) in reads of `data[0] + 1`
+/// slots (mixed from `data[1]`: plain, hidden, proxy-made, (un)subscribe, HELLO, RESET, the
+/// proxy's AUTH check) in reads of `data[0] + 1`
 /// bytes. What the client gets must not depend on where the reads split, streaming included:
 /// it equals what one read of everything gives; an unparseable stream fails either way.
 #[doc(hidden)]
@@ -395,11 +396,18 @@ pub(crate) fn fuzz_read_splits(data: &[u8]) {
     let queue = || {
         let mut r = Replies::default();
         for i in 0..64u32 {
-            match (shape >> (i % 8)) & 3 {
-                0 | 3 => r.push(Slot::forward(1 + i % 2)),
-                1 => r.push(Slot::swallow(1)),
-                _ => r.push(Slot::Local(Bytes::from_static(b"-NOPERM local\r\n"))),
-            }
+            let with = |effect, sub| Slot::Forward { n: 1, effect, visible: true, sub };
+            r.push(match (u32::from(shape).wrapping_mul(2 * i + 1) >> (i % 5)) & 15 {
+                0..=5 => Slot::forward(1 + i % 2),
+                6 | 7 => Slot::swallow(1),
+                8 | 9 => Slot::Local(Bytes::from_static(b"-NOPERM local\r\n")),
+                10 => with(Effect::None, true),
+                11 => with(Effect::Hello(3), false),
+                12 => with(Effect::Hello(2), false),
+                13 => with(Effect::Reset, false),
+                14 => Slot::UnsubAll { kind: SubKind::Channel, visible: true },
+                _ => Slot::Forward { n: 1, effect: Effect::AuthCheck, visible: false, sub: false },
+            });
         }
         r
     };
@@ -426,6 +434,9 @@ pub(crate) fn fuzz_read_splits(data: &[u8]) {
                 }
             }
             buf.drain(..used);
+            if r.auth_rejected {
+                break; // the session ends
+            }
         }
         Some(got)
     };
