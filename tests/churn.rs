@@ -20,9 +20,11 @@ fn open_fds() -> usize {
     std::fs::read_dir("/proc/self/fd").map(|d| d.count()).unwrap_or(0)
 }
 
+/// Logged-in Redis clients: the proxy's upstream connections and this admin one (the proxy's
+/// health probe, a bare TCP dial that never logs in, may be listed for an instant).
 async fn redis_clients(admin: &mut RawRedis) -> usize {
     let list = admin.call(&["CLIENT", "LIST"]).await;
-    String::from_utf8_lossy(&list).lines().filter(|l| l.contains("id=")).count()
+    String::from_utf8_lossy(&list).lines().filter(|l| l.contains(" user=portcullis ")).count()
 }
 
 async fn pg_backends() -> usize {

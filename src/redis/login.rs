@@ -117,8 +117,8 @@ impl Session {
         // The generation first, then the config it dials: a table fetched from an upstream that a
         // reload since replaced is not installed.
         let generation = self.l.command_generation();
-        let upstream = self.l.config().upstream.clone();
-        let tls = self.l.upstream_tls();
+        let (cfg, tls) = self.l.upstream_target();
+        let upstream = cfg.upstream.clone();
         let res = tokio::time::timeout(limit, async {
             let tcp = dial(&upstream, limit).await?;
             let mut io = match tls {
@@ -184,11 +184,11 @@ impl Session {
                     None => tracing::warn!("upstream COMMAND reply unusable; keeping the built-in command table"),
                 }
             }
+            drop(fetch);
             if self.commands_generation != generation {
                 // no table of this upstream's (its fetch failed): not the old one's either
-                (self.commands, self.commands_generation) = (Arc::new(CommandTable::builtin()), generation);
+                self.adopt_commands(generation);
             }
-            drop(fetch);
             let mut hello_reply = None;
             if let Some(v) = hello {
                 let cmd = codec::encode_command(&[b"HELLO", v.to_string().as_bytes()]);
@@ -283,6 +283,13 @@ impl Session {
         }
     }
 
+    /// Takes the listener's table when it is of `generation`, else the built-in one.
+    fn adopt_commands(&mut self, generation: u64) {
+        let (g, t) = self.l.command_entry();
+        self.commands = if g == generation { t } else { Arc::new(CommandTable::builtin()) };
+        self.commands_generation = generation;
+    }
+
     /// Links to the shared upstream connection for `creds`, opening one if there is none. False
     /// when it cannot be reached, or when the link in use has died with replies still owed (the
     /// session learns of that from the link).
@@ -299,7 +306,8 @@ impl Session {
             }
         }
         self.mux = None;
-        let upstream = self.cfg.upstream.clone();
+        // the address in force now, as the connection opened for it dials
+        let upstream = self.l.config().upstream.clone();
         let mut link = self.l.mux.link(&upstream, creds, proto);
         if link.is_none() {
             // One opener at a time: clients logging in together join the first one's connection.
@@ -330,6 +338,11 @@ impl Session {
             }
         }
         let Some(link) = link else { return false };
+        // A table from before a reload is not used on the connection opened after it.
+        let generation = self.l.command_generation();
+        if self.commands_generation != generation {
+            self.adopt_commands(generation);
+        }
         self.shared.metrics.redis_multiplex(&self.cfg.name, "joined");
         self.mux = Some(link);
         self.upstream_creds = Some(creds.clone());

@@ -107,6 +107,13 @@ impl RedisListener {
         read(&self.upstream_tls)
     }
 
+    /// The config and the upstream TLS client of one moment (a reload changes both under the
+    /// config's lock), so an address is never dialed with another config's TLS settings.
+    pub fn upstream_target(&self) -> (Arc<RedisConfig>, Option<UpstreamTlsClient>) {
+        let cfg = self.cfg.read().unwrap_or_else(|p| p.into_inner());
+        (cfg.clone(), read(&self.upstream_tls))
+    }
+
     /// The command table in force.
     pub fn commands(&self) -> Arc<CommandTable> {
         read(&self.commands).1
@@ -157,8 +164,11 @@ impl RedisListener {
     /// connection.
     pub fn apply(&self, p: PreparedRedis) {
         write(&self.users, Arc::new(p.users));
-        write(&self.upstream_tls, p.tls);
-        write(&self.cfg, Arc::new(p.cfg));
+        {
+            let mut cfg = self.cfg.write().unwrap_or_else(|p| p.into_inner());
+            write(&self.upstream_tls, p.tls);
+            *cfg = Arc::new(p.cfg);
+        }
         let mut g = self.commands.write().unwrap_or_else(|p| p.into_inner());
         *g = (g.0.wrapping_add(1), Arc::new(CommandTable::builtin()));
     }

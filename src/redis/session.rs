@@ -607,6 +607,14 @@ impl Session {
             return Err(ConnOutcome::Closed);
         }
         drop(chunk);
+        if self.replies.auth_rejected {
+            // The upstream refused the runtime credentials of a re-AUTH: the upstream session's
+            // state can no longer be vouched for. End it (fail closed).
+            tracing::warn!("upstream refused re-authentication; closing the session");
+            self.audit(Event::ConnRejected, "error", Some("upstream_reauth_refused"));
+            let _ = client.shutdown().await;
+            return Err(ConnOutcome::UpstreamFailed);
+        }
         // A reply still arriving beyond the free share is held against the same budget as
         // requests; one that cannot be is answered with an error in its place (unless part of
         // one streamed has gone out: then nothing more) and the session ends.
@@ -623,14 +631,6 @@ impl Session {
         }
         if large && ubuf.len() <= READ_BUF {
             *ubuf = BytesMut::from(&ubuf[..]);
-        }
-        if self.replies.auth_rejected {
-            // The upstream refused the runtime credentials of a re-AUTH: the upstream session's
-            // state can no longer be vouched for. End it (fail closed).
-            tracing::warn!("upstream refused re-authentication; closing the session");
-            self.audit(Event::ConnRejected, "error", Some("upstream_reauth_refused"));
-            let _ = client.shutdown().await;
-            return Err(ConnOutcome::UpstreamFailed);
         }
         Ok(())
     }
