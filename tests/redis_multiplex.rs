@@ -497,3 +497,34 @@ async fn hello_clients_share_connections_of_their_protocol() {
     assert!(info.contains(" name=mine ") && info.contains(" resp=3"), "its own connection, named, RESP3: {info}");
     assert_eq!(upstream_conns(&r).await, 4);
 }
+
+/// A large value streams from a shared connection at the pace its client takes it: a 24 MiB
+/// value comes back byte for byte under an 8 MiB budget. A client that asks for one and stops
+/// reading holds the connection only for a moment: then it reads on (charging what waits for
+/// that client), and a client sharing the connection gets its reply, in order after it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_value_streams_and_a_stalled_reader_does_not_hold_the_others() {
+    let own = RedisInstance::start(None, None).expect("redis-server starts");
+    let p = redis_proxy_for(&own, "[limits]\nmax_buffered_bytes = 8388608\n", MUX).await;
+    let mut admin = RawRedis::direct_to(own.port, "portcullis", &own.password).await;
+    let big: Vec<u8> = (0..24 << 20).map(|i| (i % 253) as u8).collect();
+    admin.send_raw(&portcullis::redis::codec::encode_command(&[b"SET", b"mxst:big", &big])).await;
+    assert_eq!(admin.read(false).await, b"+OK\r\n");
+    assert_eq!(admin.call(&["SET", "mxst:small", "s"]).await, b"+OK\r\n");
+    drop(admin);
+
+    let mut reader = login(p.redis_port()).await;
+    let got = reader.call(&["GET", "mxst:big"]).await;
+    let header = format!("${}\r\n", big.len());
+    assert!(got.starts_with(header.as_bytes()) && got[header.len()..got.len() - 2] == big[..], "byte for byte");
+
+    let mut stuck = login(p.redis_port()).await;
+    let mut other = login(p.redis_port()).await;
+    assert_eq!(upstream_conns(&own).await, 1, "all three share one connection");
+    stuck.send(&["GET", "mxst:big"]).await;
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    assert_eq!(other.call(&["GET", "mxst:small"]).await, b"$1\r\ns\r\n", "not held up for good");
+    assert_eq!(reader.call(&["GET", "mxst:small"]).await, b"$1\r\ns\r\n");
+    drop(stuck);
+    assert_eq!(other.call(&["PING"]).await, b"+PONG\r\n");
+}

@@ -2,7 +2,8 @@
 //! upstream with the same credentials (as Envoy's and twemproxy's Redis proxies do). Each
 //! client's batch of requests is queued to the connection's task, which writes every batch
 //! queued since its last write in one syscall, reads the replies in large reads, and hands
-//! each client the bytes of its own replies, whole frames at a time, in order. Redis then
+//! each client the bytes of its own replies as they come (never re-encoded), in order; a large
+//! one goes at the pace its client takes it (`STREAM_AHEAD`). Redis then
 //! reads and answers many clients' requests per system call instead of one client's.
 //!
 //! Only stateless commands are shared: a client that sends one that needs a connection of its
@@ -39,6 +40,8 @@ pub(super) struct Client {
     waiting: AtomicUsize,
     /// Told `TooLarge`: the rest of its replies are dropped (its session ends).
     refused: AtomicBool,
+    /// Its session took delivered bytes (see `STREAM_AHEAD`).
+    drained: tokio::sync::Notify,
 }
 
 impl Client {
@@ -63,15 +66,28 @@ pub(super) struct Charge {
 
 impl Drop for Charge {
     fn drop(&mut self) {
-        self.client.waiting.fetch_sub(self.n, Relaxed);
+        if self.client.waiting.fetch_sub(self.n, Relaxed) - self.n <= STREAM_AHEAD {
+            self.client.drained.notify_one();
+        }
     }
 }
 
+/// Bytes of a reply being streamed that may wait for its client before the shared connection
+/// reads on: the reply goes at the pace its client takes it (every other reply on the
+/// connection comes after it anyway), not into memory.
+const STREAM_AHEAD: usize = 256 * 1024;
+
+/// How long a streamed reply's client may take no bytes at all before the shared connection
+/// reads on regardless (charging the bytes to the budget, as for any client that does not
+/// read): a client that stops reading does not stall the others.
+const STREAM_STALL_MAX: std::time::Duration = std::time::Duration::from_millis(500);
+
 /// What a client gets from the shared connection.
 pub(super) enum Delivery {
-    /// Complete reply frames (`frames` of them), in order, and the budget charge they hold
-    /// until the client has taken them.
-    Replies { bytes: Bytes, frames: u32, charge: Charge },
+    /// Reply bytes in order: `frames` replies complete in them, and the budget charge they
+    /// hold until the client has taken them. `whole`: they are exactly those replies (no part
+    /// of one before them or after them).
+    Replies { bytes: Bytes, frames: u32, whole: bool, charge: Charge },
     /// The shared connection is gone: these replies will not come.
     Failed,
     /// The replies owed would take the proxy over its buffer budget: they will not come.
@@ -231,7 +247,12 @@ impl MuxPool {
 
 fn new_link(jobs: mpsc::UnboundedSender<Job>, proto: u8, hello: Bytes) -> Link {
     let (tx, rx) = mpsc::unbounded_channel();
-    let client = Arc::new(Client { tx, waiting: AtomicUsize::new(0), refused: AtomicBool::new(false) });
+    let client = Arc::new(Client {
+        tx,
+        waiting: AtomicUsize::new(0),
+        refused: AtomicBool::new(false),
+        drained: tokio::sync::Notify::new(),
+    });
     Link { jobs, client, rx, outstanding: 0, inflight: VecDeque::new(), inflight_bytes: 0, proto, hello }
 }
 
@@ -242,7 +263,19 @@ struct Waiting {
     frames_left: u32,
     /// Frames complete in the buffer, not yet delivered.
     ready: u32,
+    /// Bytes of its reply still arriving already handed to the client (streamed).
+    streamed: usize,
+    /// Its client took nothing for `STREAM_STALL_MAX`: its reply is no longer paced.
+    unpaced: bool,
     reply: Arc<Client>,
+}
+
+impl Waiting {
+    /// Bytes of its reply streamed so far that count as one first reply: none once its client
+    /// stopped taking them (then they count against its share like replies piling up).
+    fn exempt(&self) -> usize {
+        if self.unpaced { 0 } else { self.streamed }
+    }
 }
 
 /// Writes a shared connection has unanswered before it holds further batches back.
@@ -266,7 +299,22 @@ async fn run(mut io: Stream, mut jobs: mpsc::UnboundedReceiver<Job>, shared: Arc
     // writes whose replies are not all in
     let mut writes = 0usize;
     let failed = loop {
+        // A reply being streamed waits for its client to take what it has (see STREAM_AHEAD).
+        let pace = waiting.front().filter(|w| {
+            w.streamed > 0 && !w.unpaced && w.reply.waiting.load(Relaxed) > STREAM_AHEAD && !w.reply.tx.is_closed()
+        });
+        let pace = pace.map(|w| w.reply.clone());
         tokio::select! {
+            taken = async {
+                match &pace {
+                    Some(c) => tokio::time::timeout(STREAM_STALL_MAX, c.drained.notified()).await.is_ok(),
+                    None => std::future::pending().await,
+                }
+            }, if pace.is_some() => {
+                if !taken && let Some(w) = waiting.front_mut() {
+                    w.unpaced = true;
+                }
+            }
             // Nagle's rule for the shared connection: while writes are unanswered, batches
             // queue up and go together (however many clients, one write per round trip);
             // an idle connection writes at once.
@@ -314,7 +362,14 @@ async fn run(mut io: Stream, mut jobs: mpsc::UnboundedReceiver<Job>, shared: Arc
                 }
                 for j in batch {
                     if j.frames > 0 {
-                        waiting.push_back(Waiting { ends_write: false, frames_left: j.frames, ready: 0, reply: j.reply });
+                        waiting.push_back(Waiting {
+                            ends_write: false,
+                            frames_left: j.frames,
+                            ready: 0,
+                            streamed: 0,
+                            unpaced: false,
+                            reply: j.reply,
+                        });
                     }
                 }
                 if let Some(w) = waiting.back_mut()
@@ -332,7 +387,7 @@ async fn run(mut io: Stream, mut jobs: mpsc::UnboundedReceiver<Job>, shared: Arc
                     buf.reserve(want);
                 }
                 io.read_buf(&mut buf).await
-            } => {
+            }, if pace.is_none() => {
                 let n = match r {
                     Ok(0) | Err(_) => break true,
                     Ok(n) => n,
@@ -406,7 +461,7 @@ fn deliver(
             if end_of_ready > 0
                 && let Some(w) = waiting.front_mut()
             {
-                hand_so_far(w, take_front(buf, scanner, held, limit, end_of_ready), memory, limit);
+                hand_so_far(w, take_front(buf, scanner, held, limit, end_of_ready), 0, memory, limit);
                 end_of_ready = 0;
             }
             take_front(buf, scanner, held, limit, end - start);
@@ -424,15 +479,25 @@ fn deliver(
                 if w.ends_write {
                     *writes -= 1;
                 }
-                hand(&w.reply, w.ready, chunk, memory, limit);
+                hand(&w.reply, w.ready, chunk, (w.exempt(), 0), memory, limit);
             }
         }
     }
-    // The head job's complete replies so far go now (its last ones are still arriving).
-    if end_of_ready > 0
+    // The head job's complete replies so far go now (its last ones are still arriving), with
+    // what has come of the one still arriving: its client streams it (a large value is not
+    // held here whole). A push is dropped whole, so none of one goes.
+    let upto = match scanner.partial() {
+        Some((start, walked, top)) if walked > start && top != b'>' && !waiting.is_empty() => {
+            debug_assert_eq!(start, end_of_ready);
+            walked
+        }
+        _ => end_of_ready,
+    };
+    if upto > 0
         && let Some(w) = waiting.front_mut()
     {
-        hand_so_far(w, take_front(buf, scanner, held, limit, end_of_ready), memory, limit);
+        let part = upto - end_of_ready;
+        hand_so_far(w, take_front(buf, scanner, held, limit, upto), part, memory, limit);
     }
     true
 }
@@ -448,13 +513,21 @@ fn take_front(buf: &mut BytesMut, scanner: &mut Scanner, held: &mut Held, limit:
 }
 
 /// Hands the head job's complete replies so far (`chunk`) to its client; the rest follow.
-fn hand_so_far(w: &mut Waiting, chunk: Bytes, memory: &Arc<RequestMemory>, limit: u64) {
-    hand(&w.reply, w.ready, chunk, memory, limit);
+/// `part`: bytes at its end of a reply still arriving (the rest of one streamed before, when
+/// no reply completes in it).
+fn hand_so_far(w: &mut Waiting, chunk: Bytes, part: usize, memory: &Arc<RequestMemory>, limit: u64) {
+    let completes = w.ready > 0;
+    hand(&w.reply, w.ready, chunk, (w.exempt(), part), memory, limit);
+    w.streamed = if completes { part } else { w.streamed + part };
     w.ready = 0;
 }
 
-/// Sends `frames` complete replies to client `c`, charged to the budget while they wait there.
-fn hand(c: &Arc<Client>, frames: u32, chunk: Bytes, memory: &Arc<RequestMemory>, limit: u64) {
+/// Sends `frames` complete replies (and the start of one still arriving) to client `c`, charged
+/// to the budget while they wait there.
+/// `parts`: bytes of the first reply in `chunk` handed before (parts of one reply count as a
+/// first reply, not as replies piling up), and bytes at its end of one still arriving.
+fn hand(c: &Arc<Client>, frames: u32, chunk: Bytes, parts: (usize, usize), memory: &Arc<RequestMemory>, limit: u64) {
+    let (streamed, part) = parts;
     // Every byte waiting for its client is charged (a client that does not read cannot pile
     // up replies beyond the budget, nor beyond its share of it once something waits).
     if c.refused.load(Relaxed) {
@@ -466,14 +539,21 @@ fn hand(c: &Arc<Client>, frames: u32, chunk: Bytes, memory: &Arc<RequestMemory>,
     // down (flow control), not refused, while there is room.
     let share = (limit / 4).min(CLIENT_WAITING_MAX);
     let short = memory.used() > limit / 2;
+    let others = before.saturating_sub(streamed);
     let charge =
-        if short && before > 0 && (before + n) as u64 > share { None } else { Held::whole(memory.clone(), n, limit) };
+        if short && others > 0 && (before + n) as u64 > share { None } else { Held::whole(memory.clone(), n, limit) };
     // A small piece gets its own allocation rather than keep the whole read buffer alive while
     // it waits.
     let chunk = if n < COPY_BELOW { Bytes::copy_from_slice(&chunk) } else { chunk };
     match charge {
         Some(g) => {
-            c.send(Delivery::Replies { bytes: chunk, frames, charge: Charge { _global: g, client: c.clone(), n } })
+            let whole = streamed == 0 && part == 0;
+            c.send(Delivery::Replies {
+                bytes: chunk,
+                frames,
+                whole,
+                charge: Charge { _global: g, client: c.clone(), n },
+            })
         }
         None => {
             c.waiting.fetch_sub(n, Relaxed);
@@ -490,8 +570,13 @@ mod tests {
 
     fn waiting(frames: u32) -> (Waiting, mpsc::UnboundedReceiver<Delivery>) {
         let (tx, rx) = mpsc::unbounded_channel();
-        let c = Arc::new(Client { tx, waiting: AtomicUsize::new(0), refused: AtomicBool::new(false) });
-        (Waiting { ends_write: true, frames_left: frames, ready: 0, reply: c }, rx)
+        let c = Arc::new(Client {
+            tx,
+            waiting: AtomicUsize::new(0),
+            refused: AtomicBool::new(false),
+            drained: tokio::sync::Notify::new(),
+        });
+        (Waiting { ends_write: true, frames_left: frames, ready: 0, streamed: 0, unpaced: false, reply: c }, rx)
     }
 
     fn got(rx: &mut mpsc::UnboundedReceiver<Delivery>) -> Vec<(Vec<u8>, u32)> {
@@ -507,7 +592,7 @@ mod tests {
     }
 
     #[test]
-    fn replies_go_to_their_clients_whole_frames_at_a_time() {
+    fn replies_go_to_their_clients_in_order_as_they_arrive() {
         let mem = Arc::new(RequestMemory::default());
         let (a, mut ra) = waiting(2);
         let (b, mut rb) = waiting(1);
@@ -517,15 +602,33 @@ mod tests {
         let mut held = Held::new(mem.clone());
         let mut buf = BytesMut::from(&b"+OK\r\n$3\r\nab"[..]);
         assert!(deliver(&mut buf, &mut s, &mut q, &mut held, u64::MAX, &mut w));
-        assert_eq!(got(&mut ra), vec![(b"+OK\r\n".to_vec(), 1)], "a complete frame goes at once");
+        assert_eq!(got(&mut ra), vec![(b"+OK\r\n$3\r\nab".to_vec(), 1)], "a frame and what came of the next");
         buf.extend_from_slice(b"c\r\n:1\r\n");
         assert!(deliver(&mut buf, &mut s, &mut q, &mut held, u64::MAX, &mut w));
-        assert_eq!(got(&mut ra), vec![(b"$3\r\nabc\r\n".to_vec(), 1)]);
+        assert_eq!(got(&mut ra), vec![(b"c\r\n".to_vec(), 1)]);
         assert_eq!(got(&mut rb), vec![(b":1\r\n".to_vec(), 1)]);
         assert!(buf.is_empty() && q.is_empty());
         assert_eq!(w, 0, "both writes answered");
         buf.extend_from_slice(b"+unasked\r\n");
         assert!(!deliver(&mut buf, &mut s, &mut q, &mut held, u64::MAX, &mut w), "a reply nobody asked for");
+    }
+
+    #[test]
+    fn none_of_a_push_still_arriving_is_handed_over() {
+        let mem = Arc::new(RequestMemory::default());
+        let (a, mut ra) = waiting(1);
+        let mut q = VecDeque::from([a]);
+        let (mut s, mut w, mut held) = (Scanner::default(), 1, Held::new(mem.clone()));
+        let mut buf = BytesMut::from(&b">2\r\n$10\r\ninvalidate\r\n*1\r\n$1"[..]);
+        assert!(deliver(&mut buf, &mut s, &mut q, &mut held, u64::MAX, &mut w));
+        assert!(got(&mut ra).is_empty());
+        buf.extend_from_slice(b"\r\nk\r\n$1\r\nv");
+        assert!(deliver(&mut buf, &mut s, &mut q, &mut held, u64::MAX, &mut w));
+        buf.extend_from_slice(b"\r\n");
+        assert!(deliver(&mut buf, &mut s, &mut q, &mut held, u64::MAX, &mut w));
+        let all: Vec<u8> = got(&mut ra).into_iter().flat_map(|(b, _)| b).collect();
+        assert_eq!(all, b"$1\r\nv\r\n", "the push dropped whole, the reply streamed");
+        assert!(buf.is_empty() && q.is_empty());
     }
 
     #[test]
@@ -561,7 +664,7 @@ mod tests {
     }
 
     #[test]
-    fn a_reply_held_while_arriving_is_not_charged_twice_when_handed_over() {
+    fn a_reply_handed_over_in_parts_is_one_first_reply() {
         let mem = Arc::new(RequestMemory::default());
         let (a, mut ra) = waiting(1);
         let mut q = VecDeque::from([a]);
@@ -574,11 +677,14 @@ mod tests {
         let limit = reply.len() as u64;
         let mut buf = BytesMut::from(&reply[..reply.len() - 10]);
         assert!(deliver(&mut buf, &mut s, &mut q, &mut held, limit, &mut w));
-        assert!(held.hold(buf.len(), limit), "the part arrived is held, as run() does");
-        assert!(mem.used() > 0);
+        assert!(held.hold(buf.len(), limit), "what stays is held, as run() does");
+        assert!(mem.used() > limit as u64 / 2, "the part handed over waits for the client, charged");
         buf.extend_from_slice(&reply[reply.len() - 10..]);
         assert!(deliver(&mut buf, &mut s, &mut q, &mut held, limit, &mut w));
-        assert_eq!(got(&mut ra), vec![(reply.clone(), 1)], "handed over, not refused");
+        // its first part not taken yet: the rest is still the same first reply, not refused
+        let parts = got(&mut ra);
+        assert_eq!(parts.iter().map(|p| p.1).collect::<Vec<_>>(), vec![0, 1]);
+        assert_eq!(parts.into_iter().flat_map(|p| p.0).collect::<Vec<u8>>(), reply, "handed over, not refused");
         assert_eq!(mem.used(), 0, "released once the client has it");
     }
 }

@@ -484,12 +484,13 @@ impl Session {
                     }
                 }
                 d = recv_link(&mut self.mux) => match d {
-                    Delivery::Replies { bytes, frames, charge } => {
+                    Delivery::Replies { bytes, frames, whole, charge } => {
                         if let Some(m) = self.mux.as_mut() {
                             m.answered(frames);
                         }
                         // charged until the client has them
-                        let plain = if ubuf.is_empty() { self.replies.plain_delivery(bytes.len(), frames) } else { None };
+                        let plain =
+                            if whole && ubuf.is_empty() { self.replies.plain_delivery(bytes.len(), frames) } else { None };
                         let r = match plain {
                             // whole replies to plain requests: straight out, not copied or scanned again
                             Some(out) => self.write_out(&mut client, &bytes, out).await.map_err(|_| ConnOutcome::Closed),
@@ -507,7 +508,7 @@ impl Session {
                     Delivery::Failed => return self.upstream_gone(&mut client, &ubuf).await,
                     Delivery::TooLarge => {
                         tracing::warn!("buffer memory budget exhausted: dropping a reply");
-                        if self.replies.owes_visible() {
+                        if self.replies.owes_visible() && !self.replies.mid_reply {
                             let _ = client.write_all(REPLY_TOO_LARGE).await;
                         }
                         let _ = client.shutdown().await;
