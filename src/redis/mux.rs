@@ -77,6 +77,10 @@ impl Drop for Charge {
 /// connection comes after it anyway), not into memory.
 const STREAM_AHEAD: usize = 256 * 1024;
 
+/// A reply still arriving starts to stream once this much of it is in (the tail of an ordinary
+/// read stays for the next one: whole replies take the session's fast path).
+const STREAM_MIN: usize = 16 * 1024;
+
 /// How long a streamed reply's client may take no bytes at all before the shared connection
 /// reads on regardless (charging the bytes to the budget, as for any client that does not
 /// read): a client that stops reading does not stall the others.
@@ -486,8 +490,11 @@ fn deliver(
     // The head job's complete replies so far go now (its last ones are still arriving), with
     // what has come of the one still arriving: its client streams it (a large value is not
     // held here whole). A push is dropped whole, so none of one goes.
+    let streaming = waiting.front().is_some_and(|w| w.streamed > 0);
     let upto = match scanner.partial() {
-        Some((start, walked, top)) if walked > start && top != b'>' && !waiting.is_empty() => {
+        Some((start, walked, top))
+            if (walked - start >= STREAM_MIN || (streaming && walked > start)) && top != b'>' =>
+        {
             debug_assert_eq!(start, end_of_ready);
             walked
         }
@@ -602,10 +609,10 @@ mod tests {
         let mut held = Held::new(mem.clone());
         let mut buf = BytesMut::from(&b"+OK\r\n$3\r\nab"[..]);
         assert!(deliver(&mut buf, &mut s, &mut q, &mut held, u64::MAX, &mut w));
-        assert_eq!(got(&mut ra), vec![(b"+OK\r\n$3\r\nab".to_vec(), 1)], "a frame and what came of the next");
+        assert_eq!(got(&mut ra), vec![(b"+OK\r\n".to_vec(), 1)], "a frame goes at once, a small part waits");
         buf.extend_from_slice(b"c\r\n:1\r\n");
         assert!(deliver(&mut buf, &mut s, &mut q, &mut held, u64::MAX, &mut w));
-        assert_eq!(got(&mut ra), vec![(b"c\r\n".to_vec(), 1)]);
+        assert_eq!(got(&mut ra), vec![(b"$3\r\nabc\r\n".to_vec(), 1)]);
         assert_eq!(got(&mut rb), vec![(b":1\r\n".to_vec(), 1)]);
         assert!(buf.is_empty() && q.is_empty());
         assert_eq!(w, 0, "both writes answered");
