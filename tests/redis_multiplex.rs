@@ -499,9 +499,10 @@ async fn hello_clients_share_connections_of_their_protocol() {
 }
 
 /// A large value streams from a shared connection at the pace its client takes it: a 24 MiB
-/// value comes back byte for byte under an 8 MiB budget. A client that asks for one and stops
-/// reading holds the connection only for a moment: then it reads on (charging what waits for
-/// that client), and a client sharing the connection gets its reply, in order after it.
+/// value comes back byte for byte under an 8 MiB budget. A client that asks for one (and 40
+/// more replies that stream) and stops reading holds the connection only for a moment, once:
+/// then it reads on (charging what waits for that client), and a client sharing the connection
+/// gets its reply, in order after them, within the read timeout (40 stalls would exceed it).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_large_value_streams_and_a_stalled_reader_does_not_hold_the_others() {
     let own = RedisInstance::start(None, None).expect("redis-server starts");
@@ -511,6 +512,7 @@ async fn a_large_value_streams_and_a_stalled_reader_does_not_hold_the_others() {
     admin.send_raw(&portcullis::redis::codec::encode_command(&[b"SET", b"mxst:big", &big])).await;
     assert_eq!(admin.read(false).await, b"+OK\r\n");
     assert_eq!(admin.call(&["SET", "mxst:small", "s"]).await, b"+OK\r\n");
+    assert_eq!(admin.call(&["SET", "mxst:mid", &"m".repeat(40 * 1024)]).await, b"+OK\r\n");
     drop(admin);
 
     let mut reader = login(p.redis_port()).await;
@@ -521,8 +523,12 @@ async fn a_large_value_streams_and_a_stalled_reader_does_not_hold_the_others() {
     let mut stuck = login(p.redis_port()).await;
     let mut other = login(p.redis_port()).await;
     assert_eq!(upstream_conns(&own).await, 1, "all three share one connection");
+    // one large value, then 40 more requests, each its own batch, all of whose replies stream
     stuck.send(&["GET", "mxst:big"]).await;
-    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    for _ in 0..40 {
+        stuck.send(&["GET", "mxst:mid"]).await;
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
     assert_eq!(other.call(&["GET", "mxst:small"]).await, b"$1\r\ns\r\n", "not held up for good");
     assert_eq!(reader.call(&["GET", "mxst:small"]).await, b"$1\r\ns\r\n");
     drop(stuck);

@@ -42,6 +42,9 @@ pub(super) struct Client {
     refused: AtomicBool,
     /// Its session took delivered bytes (see `STREAM_AHEAD`).
     drained: tokio::sync::Notify,
+    /// It took nothing for `STREAM_STALL_MAX` while a reply streamed to it: its replies are not
+    /// paced (until it takes bytes again).
+    stalled: AtomicBool,
 }
 
 impl Client {
@@ -66,9 +69,10 @@ pub(super) struct Charge {
 
 impl Drop for Charge {
     fn drop(&mut self) {
-        if self.client.waiting.fetch_sub(self.n, Relaxed) - self.n <= STREAM_AHEAD {
-            self.client.drained.notify_one();
-        }
+        self.client.waiting.fetch_sub(self.n, Relaxed);
+        // it takes bytes: a reply streaming to it is paced again
+        self.client.stalled.store(false, Relaxed);
+        self.client.drained.notify_one();
     }
 }
 
@@ -83,7 +87,7 @@ const STREAM_MIN: usize = 16 * 1024;
 
 /// How long a streamed reply's client may take no bytes at all before the shared connection
 /// reads on regardless (charging the bytes to the budget, as for any client that does not
-/// read): a client that stops reading does not stall the others.
+/// read, until it takes some again): a client that stops reading does not stall the others.
 const STREAM_STALL_MAX: std::time::Duration = std::time::Duration::from_millis(500);
 
 /// What a client gets from the shared connection.
@@ -256,6 +260,7 @@ fn new_link(jobs: mpsc::UnboundedSender<Job>, proto: u8, hello: Bytes) -> Link {
         waiting: AtomicUsize::new(0),
         refused: AtomicBool::new(false),
         drained: tokio::sync::Notify::new(),
+        stalled: AtomicBool::new(false),
     });
     Link { jobs, client, rx, outstanding: 0, inflight: VecDeque::new(), inflight_bytes: 0, proto, hello }
 }
@@ -269,17 +274,7 @@ struct Waiting {
     ready: u32,
     /// Bytes of its reply still arriving already handed to the client (streamed).
     streamed: usize,
-    /// Its client took nothing for `STREAM_STALL_MAX`: its reply is no longer paced.
-    unpaced: bool,
     reply: Arc<Client>,
-}
-
-impl Waiting {
-    /// Bytes of its reply streamed so far that count as one first reply: none once its client
-    /// stopped taking them (then they count against its share like replies piling up).
-    fn exempt(&self) -> usize {
-        if self.unpaced { 0 } else { self.streamed }
-    }
 }
 
 /// Writes a shared connection has unanswered before it holds further batches back.
@@ -304,10 +299,14 @@ async fn run(mut io: Stream, mut jobs: mpsc::UnboundedReceiver<Job>, shared: Arc
     let mut writes = 0usize;
     let failed = loop {
         // A reply being streamed waits for its client to take what it has (see STREAM_AHEAD).
-        let pace = waiting.front().filter(|w| {
-            w.streamed > 0 && !w.unpaced && w.reply.waiting.load(Relaxed) > STREAM_AHEAD && !w.reply.tx.is_closed()
+        let pace = waiting.front().map(|w| &w.reply).filter(|c| {
+            waiting[0].streamed > 0
+                && c.waiting.load(Relaxed) > STREAM_AHEAD
+                && !c.stalled.load(Relaxed)
+                && !c.refused.load(Relaxed)
+                && !c.tx.is_closed()
         });
-        let pace = pace.map(|w| w.reply.clone());
+        let pace = pace.cloned();
         tokio::select! {
             taken = async {
                 match &pace {
@@ -315,8 +314,8 @@ async fn run(mut io: Stream, mut jobs: mpsc::UnboundedReceiver<Job>, shared: Arc
                     None => std::future::pending().await,
                 }
             }, if pace.is_some() => {
-                if !taken && let Some(w) = waiting.front_mut() {
-                    w.unpaced = true;
+                if !taken && let Some(c) = &pace {
+                    c.stalled.store(true, Relaxed);
                 }
             }
             // Nagle's rule for the shared connection: while writes are unanswered, batches
@@ -371,7 +370,6 @@ async fn run(mut io: Stream, mut jobs: mpsc::UnboundedReceiver<Job>, shared: Arc
                             frames_left: j.frames,
                             ready: 0,
                             streamed: 0,
-                            unpaced: false,
                             reply: j.reply,
                         });
                     }
@@ -409,7 +407,10 @@ async fn run(mut io: Stream, mut jobs: mpsc::UnboundedReceiver<Job>, shared: Arc
                 // holding that reply, the shared connection ends (its other clients are told).
                 if !held.hold(buf.len(), limit) {
                     tracing::warn!(pending = buf.len(), "buffer memory budget exhausted: dropping a shared connection");
-                    if let Some(w) = waiting.pop_front() {
+                    // (a push arriving is nobody's reply: then all of them are just told it failed)
+                    if !matches!(scanner.partial(), Some((.., b'>')))
+                        && let Some(w) = waiting.pop_front()
+                    {
                         w.reply.send(Delivery::TooLarge);
                     }
                     break true;
@@ -483,7 +484,7 @@ fn deliver(
                 if w.ends_write {
                     *writes -= 1;
                 }
-                hand(&w.reply, w.ready, chunk, (w.exempt(), 0), memory, limit);
+                hand(&w.reply, w.ready, chunk, (w.streamed, 0), memory, limit);
             }
         }
     }
@@ -524,7 +525,7 @@ fn take_front(buf: &mut BytesMut, scanner: &mut Scanner, held: &mut Held, limit:
 /// no reply completes in it).
 fn hand_so_far(w: &mut Waiting, chunk: Bytes, part: usize, memory: &Arc<RequestMemory>, limit: u64) {
     let completes = w.ready > 0;
-    hand(&w.reply, w.ready, chunk, (w.exempt(), part), memory, limit);
+    hand(&w.reply, w.ready, chunk, (w.streamed, part), memory, limit);
     w.streamed = if completes { part } else { w.streamed + part };
     w.ready = 0;
 }
@@ -546,7 +547,9 @@ fn hand(c: &Arc<Client>, frames: u32, chunk: Bytes, parts: (usize, usize), memor
     // down (flow control), not refused, while there is room.
     let share = (limit / 4).min(CLIENT_WAITING_MAX);
     let short = memory.used() > limit / 2;
-    let others = before.saturating_sub(streamed);
+    // Parts of one reply count as one first reply, unless the client stopped taking them (then
+    // they count against its share like replies piling up).
+    let others = if c.stalled.load(Relaxed) { before } else { before.saturating_sub(streamed) };
     let charge =
         if short && others > 0 && (before + n) as u64 > share { None } else { Held::whole(memory.clone(), n, limit) };
     // A small piece gets its own allocation rather than keep the whole read buffer alive while
@@ -582,8 +585,9 @@ mod tests {
             waiting: AtomicUsize::new(0),
             refused: AtomicBool::new(false),
             drained: tokio::sync::Notify::new(),
+            stalled: AtomicBool::new(false),
         });
-        (Waiting { ends_write: true, frames_left: frames, ready: 0, streamed: 0, unpaced: false, reply: c }, rx)
+        (Waiting { ends_write: true, frames_left: frames, ready: 0, streamed: 0, reply: c }, rx)
     }
 
     fn got(rx: &mut mpsc::UnboundedReceiver<Delivery>) -> Vec<(Vec<u8>, u32)> {
