@@ -48,6 +48,16 @@ pub(super) struct Client {
 }
 
 impl Client {
+    fn new(tx: mpsc::UnboundedSender<Delivery>) -> Arc<Client> {
+        Arc::new(Client {
+            tx,
+            waiting: AtomicUsize::new(0),
+            refused: AtomicBool::new(false),
+            drained: tokio::sync::Notify::new(),
+            stalled: AtomicBool::new(false),
+        })
+    }
+
     fn send(&self, d: Delivery) {
         let _ = self.tx.send(d);
     }
@@ -70,8 +80,10 @@ pub(super) struct Charge {
 impl Drop for Charge {
     fn drop(&mut self) {
         self.client.waiting.fetch_sub(self.n, Relaxed);
-        // it takes bytes: a reply streaming to it is paced again
-        self.client.stalled.store(false, Relaxed);
+        // it takes bytes: a reply streaming to it is paced again (a write only when it had stalled)
+        if self.client.stalled.load(Relaxed) {
+            self.client.stalled.store(false, Relaxed);
+        }
         self.client.drained.notify_one();
     }
 }
@@ -255,13 +267,7 @@ impl MuxPool {
 
 fn new_link(jobs: mpsc::UnboundedSender<Job>, proto: u8, hello: Bytes) -> Link {
     let (tx, rx) = mpsc::unbounded_channel();
-    let client = Arc::new(Client {
-        tx,
-        waiting: AtomicUsize::new(0),
-        refused: AtomicBool::new(false),
-        drained: tokio::sync::Notify::new(),
-        stalled: AtomicBool::new(false),
-    });
+    let client = Client::new(tx);
     Link { jobs, client, rx, outstanding: 0, inflight: VecDeque::new(), inflight_bytes: 0, proto, hello }
 }
 
@@ -580,13 +586,7 @@ mod tests {
 
     fn waiting(frames: u32) -> (Waiting, mpsc::UnboundedReceiver<Delivery>) {
         let (tx, rx) = mpsc::unbounded_channel();
-        let c = Arc::new(Client {
-            tx,
-            waiting: AtomicUsize::new(0),
-            refused: AtomicBool::new(false),
-            drained: tokio::sync::Notify::new(),
-            stalled: AtomicBool::new(false),
-        });
+        let c = Client::new(tx);
         (Waiting { ends_write: true, frames_left: frames, ready: 0, streamed: 0, reply: c }, rx)
     }
 
