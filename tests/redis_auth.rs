@@ -23,22 +23,12 @@ async fn clients_connecting_together_fetch_the_command_table_once() {
     let own = portcullis::demo::RedisInstance::start(None, None).unwrap();
     let p = redis_proxy_for(&own, "", "").await;
     let n = 20;
-    let barrier = std::sync::Arc::new(tokio::sync::Barrier::new(n));
-    let mut tasks = Vec::new();
-    for i in 0..n {
-        let (port, barrier) = (p.redis_port(), barrier.clone());
-        tasks.push(tokio::spawn(async move {
-            let mut c = RawRedis::proxy(port).await;
-            barrier.wait().await;
-            assert_eq!(c.call(&["AUTH", "app", REDIS_APP_PW]).await, b"+OK\r\n");
-            assert_eq!(c.call(&["SET", &format!("fetch:{i}"), "v"]).await, b"+OK\r\n", "the upstream's table in force");
-            c
-        }));
-    }
-    let mut clients = Vec::new();
-    for t in tasks {
-        clients.push(t.await.unwrap());
-    }
+    let _clients = redis_clients_at_once(p.redis_port(), n, |i, mut c| async move {
+        assert_eq!(c.call(&["AUTH", "app", REDIS_APP_PW]).await, b"+OK\r\n");
+        assert_eq!(c.call(&["SET", &format!("fetch:{i}"), "v"]).await, b"+OK\r\n", "the upstream's table in force");
+        c
+    })
+    .await;
     let mut admin = RawRedis::direct_to(own.port, "portcullis", &own.password).await;
     let stats = String::from_utf8(admin.call(&["INFO", "commandstats"]).await).unwrap();
     assert!(stats.contains("cmdstat_command:calls=1,"), "{n} clients, one COMMAND fetch:\n{stats}");

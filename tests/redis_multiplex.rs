@@ -95,25 +95,15 @@ async fn clients_logging_in_together_join_one_connection() {
     let r = RedisInstance::start(Some(std::process::id()), None).expect("redis-server starts");
     let p = redis_proxy_for(&r, "", MUX).await;
     let n = 30;
-    let barrier = std::sync::Arc::new(tokio::sync::Barrier::new(n));
-    let mut tasks = Vec::new();
-    for i in 0..n {
-        let (port, barrier) = (p.redis_port(), barrier.clone());
-        tasks.push(tokio::spawn(async move {
-            let mut c = RawRedis::proxy(port).await;
-            barrier.wait().await;
-            let mut pipe = cmd(&["AUTH", "app", REDIS_APP_PW]);
-            pipe.extend(cmd(&["SET", &format!("together:{i}"), "x"]));
-            c.send_raw(&pipe).await;
-            assert_eq!(c.read(false).await, b"+OK\r\n");
-            assert_eq!(c.read(false).await, b"+OK\r\n");
-            c
-        }));
-    }
-    let mut clients = Vec::new();
-    for t in tasks {
-        clients.push(t.await.unwrap());
-    }
+    let clients = redis_clients_at_once(p.redis_port(), n, |i, mut c| async move {
+        let mut pipe = cmd(&["AUTH", "app", REDIS_APP_PW]);
+        pipe.extend(cmd(&["SET", &format!("together:{i}"), "x"]));
+        c.send_raw(&pipe).await;
+        assert_eq!(c.read(false).await, b"+OK\r\n");
+        assert_eq!(c.read(false).await, b"+OK\r\n");
+        c
+    })
+    .await;
     assert_eq!(upstream_conns(&r).await, 1, "{n} clients logging in at once, one shared connection");
     let m = p.metrics();
     for (event, k) in [("opened", 1), ("joined", n - 1)] {

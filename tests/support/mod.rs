@@ -526,6 +526,31 @@ impl RawRedis {
     }
 }
 
+/// `n` TLS clients of the Redis listener on `port`, each connected and then released at the
+/// same moment to run `f(i, client)` (to log in together, say); what each gave, in order.
+pub async fn redis_clients_at_once<T, F, Fut>(port: u16, n: usize, f: F) -> Vec<T>
+where
+    T: Send + 'static,
+    F: Fn(usize, RawRedis) -> Fut + Clone + Send + 'static,
+    Fut: std::future::Future<Output = T> + Send + 'static,
+{
+    let barrier = std::sync::Arc::new(tokio::sync::Barrier::new(n));
+    let mut tasks = Vec::new();
+    for i in 0..n {
+        let (barrier, f) = (barrier.clone(), f.clone());
+        tasks.push(tokio::spawn(async move {
+            let c = RawRedis::proxy(port).await;
+            barrier.wait().await;
+            f(i, c).await
+        }));
+    }
+    let mut out = Vec::new();
+    for t in tasks {
+        out.push(t.await.unwrap());
+    }
+    out
+}
+
 /// Creates (or replaces) an ACL user on the shared Redis: the oracle for policy decisions.
 pub async fn acl_user(name: &str, pw: &str, rules: &str) {
     let mut admin = RawRedis::direct_as("portcullis", &redis().password).await;
